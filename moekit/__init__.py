@@ -1,0 +1,10 @@
+"""moekit: Mixture-of-Experts language models, one decoder for every family."""
+
+from moekit.config import ConfigError, ModelConfig, MoEConfig, RopeScaling, count_params
+from moekit.models import MoEDecoder
+from moekit.presets import PRESETS, preset
+from moekit.weights import CheckpointError, load, save
+
+__version__ = "0.1.0"
+__all__ = ["PRESETS", "CheckpointError", "ConfigError", "ModelConfig", "MoEConfig", "MoEDecoder", "RopeScaling",
+           "count_params", "load", "preset", "save"]

@@ -1,0 +1,143 @@
+"""The MoE FFN: router, stacked routed experts, optional shared expert.
+
+Shape legend: T tokens, D model width, E routed experts, K experts per token,
+F (padded) expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import ModelConfig, MoEConfig
+from moekit.models.layers import MLP
+
+
+@dataclass
+class Routing:
+    """What a router decided for a batch of tokens (kept for balance losses and statistics)."""
+
+    logits_TE: torch.Tensor  # router logits, float32 (noise included in training)
+    ids_TK: torch.Tensor  # chosen experts, best first
+    weights_TK: torch.Tensor  # float32 combine weights (before the layer's routed_scale)
+    clean_logits_TE: torch.Tensor | None = None  # logits without training noise (noisy gates only)
+    noise_std_TE: torch.Tensor | None = None  # per-logit noise std (noisy gates only)
+
+
+def route(logits_TE: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
+          eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: (weights_TK float32, ids_TK). Ties go to the lower expert index.
+
+    softmax: probabilities over all E experts, keep the k largest, optionally divide
+    them by their sum (+eps). That equals softmax over the k largest logits when
+    eps is 0 (LLaMA-MoE's form). sigmoid: independent scores, same selection.
+    """
+    logits32 = logits_TE.float()
+    scores = logits32.softmax(-1) if score_func == "softmax" else logits32.sigmoid()
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = scores.gather(-1, order)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + eps)
+    return weights, order
+
+
+class Router(nn.Module):
+    """Linear(d->E), or LLaMA-MoE's Linear(d->E) -> Tanh -> Linear(E->E); optional noise projection."""
+
+    def __init__(self, dim: int, m: MoEConfig):
+        super().__init__()
+        self.m = m
+        self.proj = nn.Linear(dim, m.num_experts, bias=False)
+        self.proj2 = nn.Linear(m.num_experts, m.num_experts, bias=False) if m.router == "mlp" else None
+        self.noise = nn.Linear(dim, m.num_experts, bias=False) if m.router_noise else None
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] (float32 when ``router_fp32``)."""
+        if self.m.router_fp32:
+            x_TD = x_TD.float()
+        h_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
+        if self.proj2 is not None:
+            h_TE = F.linear(torch.tanh(h_TE), self.proj2.weight.to(x_TD.dtype))
+        return h_TE
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        m = self.m
+        if self.training and m.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - m.jitter, 1 + m.jitter)
+        logits = self.logits(x_TD)
+        clean = std = None
+        if self.training and self.noise is not None:  # Shazeer-style noisy top-k gate
+            clean = logits
+            std = F.softplus(F.linear(x_TD.to(logits.dtype), self.noise.weight.to(logits.dtype))) + m.noise_eps
+            logits = clean + torch.randn_like(clean) * std
+        weights, ids = route(logits, m.top_k, m.score_func, m.renormalize, m.renormalize_eps)
+        return Routing(logits.float(), ids, weights, clean, std)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked as w13 [E, 2F, D] (gate rows, then up rows) and w2 [E, D, F].
+
+    Experts narrower than the layer's widest one are zero-padded, which is exact:
+    a zero gate row gives silu(0) * up = 0 and a zero down column adds nothing.
+    """
+
+    def __init__(self, dim: int, widths: list[int]):
+        super().__init__()
+        self.widths = list(widths)
+        f = max(widths)
+        self.w13 = nn.Parameter(torch.empty(len(widths), 2 * f, dim))
+        self.w2 = nn.Parameter(torch.empty(len(widths), dim, f))
+
+    @property
+    def padded(self) -> bool:
+        return min(self.widths) != max(self.widths)
+
+    @torch.no_grad()
+    def zero_padding(self) -> None:
+        """Zero the rows/columns beyond each expert's own width."""
+        f = self.w2.shape[-1]
+        for e, w in enumerate(self.widths):
+            self.w13[e, w:f].zero_()
+            self.w13[e, f + w:].zero_()
+            self.w2[e, :, w:].zero_()
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """Per-expert projection views ("{e}.gate" etc.) in the [out, in] layout checkpoints store."""
+        f = self.w2.shape[-1]
+        out = {}
+        for e, w in enumerate(self.widths):
+            out[f"{e}.gate"] = self.w13[e, :w]
+            out[f"{e}.up"] = self.w13[e, f:f + w]
+            out[f"{e}.down"] = self.w2[e, :, :w]
+        return out
+
+
+class MoE(nn.Module):
+    """Routed experts plus an optional (optionally sigmoid-gated) shared expert."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, kernels):
+        super().__init__()
+        m, d = cfg.moe, cfg.hidden_size
+        self.kernels, self.scale = kernels, m.scale(layer)
+        self.router = Router(d, m)
+        self.experts = Experts(d, [m.width(layer, e) for e in range(m.num_experts)])
+        self.shared = MLP(d, m.shared_width) if m.shared_width else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if m.shared_gate else None
+
+    def forward(self, x_BTD: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        r = self.router(x_TD)
+        if routing is not None:
+            routing.append(r)
+        w_TK = (r.weights_TK * self.scale if self.scale != 1.0 else r.weights_TK).to(x_TD.dtype)
+        y_TD = self.kernels.moe_experts(x_TD, self.experts.w13, self.experts.w2, r.ids_TK, w_TK)
+        if self.shared is not None:
+            s_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+            y_TD = y_TD + s_TD
+        return y_TD.view(B, T, D)

@@ -1,0 +1,112 @@
+"""The one decoder every family builds from: pre-norm blocks, dense or MoE FFN per layer.
+
+Shape legend: B batch, T tokens, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import ModelConfig
+from moekit.kernels import get_backend
+from moekit.models.layers import MLP, Attention, Norm, Rotary
+from moekit.models.moe import MoE
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, kernels):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm)
+        self.attn = Attention(cfg)
+        self.ffn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm)
+        self.ffn = MoE(cfg, layer, kernels) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BTD, cos, sin, cache=None, routing=None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, self.layer)
+        h_BTD = self.ffn_norm(x_BTD)
+        if isinstance(self.ffn, MoE):
+            return x_BTD + self.ffn(h_BTD, routing)
+        return x_BTD + self.ffn(h_BTD)
+
+
+class MoEDecoder(nn.Module):
+    """Decoder-only LM: ``model(input_ids)`` returns logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str = "reference"):
+        super().__init__()
+        self.config = cfg
+        self.kernels = get_backend(kernels)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
+        self.norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None, cache=None,
+                routing: list | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        positions_BT: absolute positions (default 0..T-1, or continuing ``cache``).
+        cache: a KV cache object (see ``moekit.engine``); None runs plain causal attention.
+        routing: if a list, each MoE layer appends its :class:`~moekit.models.moe.Routing`.
+        """
+        B, T = input_ids_BT.shape
+        if positions_BT is None:
+            start = 0 if cache is None else cache.length
+            positions_BT = torch.arange(start, start + T, device=input_ids_BT.device).expand(B, T)
+        x_BTD = self.embed(input_ids_BT)
+        cos, sin = self.rotary(positions_BT, x_BTD.dtype)
+        for block in self.layers:
+            x_BTD = block(x_BTD, cos, sin, cache, routing)
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+        return F.linear(self.norm(x_BTD), self.output_weight)
+
+    def named_views(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint-level tensor of the model, by moekit's canonical name.
+
+        Plain parameters appear under their own names; stacked tensors appear as
+        per-projection views (``layers.3.ffn.experts.5.gate``), which is what
+        family name tables map to and from.
+        """
+        out: dict[str, torch.Tensor] = {}
+        fused = {}
+        for name, module in self.named_modules():
+            if hasattr(module, "views") and callable(module.views):
+                fused[name] = module
+                out.update({f"{name}.{k}": v for k, v in module.views().items()})
+        for name, p in self.named_parameters():
+            owner = name.rsplit(".", 1)[0]
+            if owner not in fused:
+                out[name] = p
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation: N(0, std) matrices, unit norm weights, zero biases and padding."""
+        for module in self.modules():
+            if isinstance(module, Norm):
+                module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+        for name, p in self.named_parameters():
+            if ".attn." in name and name.endswith(".bias"):
+                p.zero_()
+            elif "norm." not in name:
+                p.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            if hasattr(module, "zero_padding"):
+                module.zero_padding()
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after ``to_empty`` from the meta device)."""
+        self.rotary.reset()

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny checkpoints in every family's real layout (written by tests/familyref)."""
+
+import pytest
+import torch
+
+from tests.familyref.checkpoints import make_checkpoint
+
+# (id, family, variant): the cases every family test runs over.
+CASES = [
+    ("xverse", "xverse", {}),
+    ("xverse-linear-rope", "xverse", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
+    ("xverse-dynamic-rope", "xverse", {"rope_scaling": {"type": "dynamic", "factor": 2.0},
+                                       "max_position_embeddings": 6}),
+    ("mixtral", "mixtral", {}),
+    ("orion", "orion", {}),
+    ("orion-rmsnorm", "orion", {"norm": "rms"}),
+    ("llama_moe", "llama_moe", {}),
+    ("llama_moe-uneven", "llama_moe", {"size_experts": [[8, 16, 24, 16], [16, 16, 16, 16]],
+                                       "score_scale_factor": [2.0, 4.0]}),
+    ("llama_moe-sft-linear-gate", "llama_moe", {"fmt": "safetensors", "gate_network": "linear"}),
+    ("qwen2_moe", "qwen2_moe", {}),
+    ("qwen2_moe-norm-topk", "qwen2_moe", {"norm_topk_prob": True}),
+    ("deepseek", "deepseek", {}),
+    ("llama", "llama", {}),
+    ("llama-tied", "llama", {"tie_word_embeddings": True}),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """{case id: (folder, hf config, float32 state dict)}, built lazily once per session."""
+    built = {}
+
+    def get(case_id):
+        if case_id not in built:
+            _, family, variant = next(c for c in CASES if c[0] == case_id)
+            folder = tmp_path_factory.mktemp(case_id)
+            cfg, sd = make_checkpoint(family, folder, seed=len(built) + 1, **variant)
+            built[case_id] = (folder, cfg, sd)
+        return built[case_id]
+
+    return get
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(7))
