@@ -31,12 +31,134 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(describe(cfg, name)))
 
 
+SAMPLING_FLAGS = {  # flag -> (type, help); None defaults defer to generation_config.json
+    "max_new_tokens": (int, "tokens to generate at most"),
+    "temperature": (float, "0 = greedy"),
+    "top_k": (int, "keep the k most likely tokens (0 = off)"),
+    "top_p": (float, "nucleus sampling mass (1 = off)"),
+    "min_p": (float, "drop tokens below min_p x the top probability"),
+    "repetition_penalty": (float, "transformers-style penalty on seen tokens (1 = off)"),
+    "presence_penalty": (float, "OpenAI presence penalty"),
+    "frequency_penalty": (float, "OpenAI frequency penalty"),
+    "seed": (int, "makes sampling reproducible"),
+}
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--chat-format", help="override the chat format (xverse-moe, chatml, orion, vicuna, deepseek)")
+    p.add_argument("--system", help="system message for chat formatting")
+    for name, (typ, help_) in SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=help_)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence ids")
+
+
+def _load(args: argparse.Namespace):
+    import time
+
+    import torch
+
+    from moekit.engine import CausalLM
+
+    from moekit.engine import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    SamplingParams(**given, stop=tuple(args.stop))  # reject bad flags before the (slow) load
+    if not args.model:
+        raise UsageError("--model is required (a checkpoint folder)")
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model!r}: no such checkpoint folder")
+    t0 = time.perf_counter()
+    lm = CausalLM.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
+                                  progress=True)
+    print(f"loaded {args.model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return lm
+
+
+def _sampling(lm, args: argparse.Namespace):
+    kw = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    return lm.sampling(**kw, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
+                       ignore_eos=args.ignore_eos)
+
+
+def _print_stream(pieces) -> str:
+    text = ""
+    for piece in pieces:
+        text += piece
+        print(piece, end="", flush=True)
+    print()
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from moekit.engine import TextGenerator
+
+    lm = _load(args)
+    params = _sampling(lm, args)
+    if args.chat:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = lm.chat_format.encode(lm.tokenizer, msgs + [{"role": "user", "content": args.prompt}])
+    else:
+        ids = lm.tokenizer.encode(args.prompt)
+    gen = TextGenerator(lm.engine, lm.tokenizer)
+    if args.stream:
+        _print_stream(ev.text for ev in gen.stream([ids], params))
+    else:
+        print(gen.generate([ids], params)[0].text)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from moekit.engine import TextGenerator
+
+    lm = _load(args)
+    params = _sampling(lm, args)
+    gen = TextGenerator(lm.engine, lm.tokenizer)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("chat with the model; /reset starts over, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = lm.chat_format.encode(lm.tokenizer, system + history)
+        reply = _print_stream(ev.text for ev in gen.stream([ids], params))
+        history.append({"role": "assistant", "content": reply})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts language models.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="architecture, layer layout and parameter counts")
     info.add_argument("model", help="checkpoint folder or preset name")
     info.set_defaults(func=cmd_info)
+    gen = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="format the prompt as a user chat message")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _model_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
+    _model_flags(chat)
+    chat.set_defaults(func=cmd_chat)
     return p
 
 
@@ -44,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, CheckpointError) as e:
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (UsageError, ConfigError, CheckpointError, ValueError) as e:
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

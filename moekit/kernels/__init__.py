@@ -14,6 +14,6 @@ from moekit.kernels import reference
 
 def get_backend(name: str = "reference") -> SimpleNamespace:
     """The kernel functions of backend ``name``."""
-    if name == "reference":
+    if name in ("reference", "auto"):
         return SimpleNamespace(name=name, moe_experts=reference.moe_experts)
     raise ValueError(f"unknown kernel backend {name!r}; available: 'reference'")

@@ -55,18 +55,25 @@ class MoEDecoder(nn.Module):
                 routing: list | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with ``last_only``).
 
-        positions_BT: absolute positions (default 0..T-1, or continuing ``cache``).
-        cache: a KV cache object (see ``moekit.engine``); None runs plain causal attention.
+        positions_BT: RoPE positions (default 0..T-1, or continuing ``cache``).
+        cache: a :class:`~moekit.engine.kv_cache.KVCache` that this call appends to; None runs
+            plain causal attention over ``input_ids_BT`` alone.
         routing: if a list, each MoE layer appends its :class:`~moekit.models.moe.Routing`.
         """
         B, T = input_ids_BT.shape
         if positions_BT is None:
-            start = 0 if cache is None else cache.length
-            positions_BT = torch.arange(start, start + T, device=input_ids_BT.device).expand(B, T)
+            if cache is None:
+                positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+            else:
+                positions_BT = cache.positions(T)
+        if cache is not None:
+            cache.prepare(T)
         x_BTD = self.embed(input_ids_BT)
         cos, sin = self.rotary(positions_BT, x_BTD.dtype)
         for block in self.layers:
             x_BTD = block(x_BTD, cos, sin, cache, routing)
+        if cache is not None:
+            cache.commit(T)
         if last_only:
             x_BTD = x_BTD[:, -1:]
         return F.linear(self.norm(x_BTD), self.output_weight)

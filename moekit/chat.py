@@ -1,0 +1,136 @@
+"""Chat formats: each family's built-in format as a Jinja template, rendered like transformers does.
+
+A ``chat_template`` in the checkpoint's tokenizer_config.json takes precedence;
+otherwise the family's own format is used (sources in docs/generation.md):
+
+- xverse-moe: XVERSE-MoE-Chat's ``_build_chat_input``: ``system: ..\\n``, ``user: ..\\n``,
+  past replies ``assistant: ..<eos>``, prompt ends ``assistant: ``.
+- chatml: ``<|im_start|>role\\n..<|im_end|>\\n`` (APUS-xDAN with llama.cpp ``--chatml``, Qwen).
+- orion: ``<s>Human: ..\\n\\nAssistant: </s>..</s>``; a system message is merged into the first user turn.
+- vicuna: Vicuna v1.1 as LLaMA-MoE's SFT code builds it (``smoe/utils/conversation.py``).
+- deepseek: ``User: ..\\n\\nAssistant: ..<eos>``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+TEMPLATES = {
+    "xverse-moe": (
+        "{% for m in messages %}"
+        "{% if m.role == 'system' %}{{ 'system: ' + m.content + '\\n' }}"
+        "{% elif m.role == 'user' %}{{ 'user: ' + m.content + '\\n' }}"
+        "{% elif m.role in ('exec', 'tool') %}{{ 'exec: ' + m.content + '\\n' }}"
+        "{% elif m.role == 'assistant' %}{{ 'assistant: ' + m.content + eos_token }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "orion": (
+        "{{ bos_token }}{% set ns = namespace(system='') %}"
+        "{% for m in messages %}"
+        "{% if m.role == 'system' %}{% set ns.system = m.content + '\\n\\n' %}"
+        "{% elif m.role == 'user' %}{{ 'Human: ' + ns.system + m.content + '\\n\\nAssistant: ' + eos_token }}"
+        "{% set ns.system = '' %}"
+        "{% elif m.role == 'assistant' %}{{ m.content + eos_token }}"
+        "{% endif %}{% endfor %}"),
+    "vicuna": (
+        "{{ bos_token }}{% if messages[0].role == 'system' %}{{ messages[0].content }}"
+        "{% else %}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + "' }}{% endif %}{{ ' ' }}"
+        "{% for m in messages %}"
+        "{% if m.role == 'user' %}{{ 'USER: ' + m.content + ' ' }}"
+        "{% elif m.role == 'assistant' %}{{ 'ASSISTANT: ' + m.content + eos_token }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    "deepseek": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m.role == 'system' %}{{ m.content + '\\n\\n' }}"
+        "{% elif m.role == 'user' %}{{ 'User: ' + m.content + '\\n\\n' }}"
+        "{% elif m.role == 'assistant' %}{{ 'Assistant: ' + m.content + eos_token }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
+}
+
+FAMILY_FORMATS = {"xverse": "xverse-moe", "mixtral": "chatml", "orion": "orion", "llama_moe": "vicuna",
+                  "qwen2_moe": "chatml", "deepseek": "deepseek"}
+
+ROLES = ("system", "user", "assistant", "exec", "tool")
+
+
+class ChatError(ValueError):
+    """A chat request cannot be rendered; the message names the message or the template."""
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ChatError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise ChatError(f"chat template does not compile: {e}") from None
+
+
+def check_messages(messages) -> list[dict]:
+    """Validate OpenAI-style messages: a list of {role, content} with string content."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatError("messages: a non-empty list of {'role', 'content'} objects is needed")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatError(f"messages[{i}]: needs 'role' and 'content'")
+        content = m["content"]
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ChatError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(p.get("text", "") for p in content)
+        if m["role"] not in ROLES:
+            raise ChatError(f"messages[{i}].role={m['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ChatError(f"messages[{i}].content must be a string")
+        out.append({**m, "content": content})
+    return out
+
+
+class ChatFormat:
+    """A chat template (Jinja) plus the special-token strings it is rendered with."""
+
+    def __init__(self, template: str, bos_token: str = "<s>", eos_token: str = "</s>", name: str = "custom"):
+        self.template, self.name = template, name
+        self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+
+    @classmethod
+    def for_model(cls, tokenizer, family: str | None = None, name: str | None = None) -> ChatFormat:
+        """``name`` if given, else the tokenizer's chat_template, else the family's built-in format."""
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+        if name is None and tokenizer.chat_template:
+            return cls(tokenizer.chat_template, bos, eos, "tokenizer_config.json")
+        name = name or FAMILY_FORMATS.get(family or "")
+        if name not in TEMPLATES:
+            raise ChatError(f"no chat format for this model: the tokenizer has no chat_template and family "
+                            f"{family!r} has no built-in format; choose one of {', '.join(TEMPLATES)}")
+        return cls(TEMPLATES[name], bos, eos, name)
+
+    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return _compile(self.template).render(messages=check_messages(messages), bos_token=self.bos_token,
+                                                  eos_token=self.eos_token,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+        except TemplateError as e:
+            raise ChatError(f"chat template ({self.name}) failed: {e}") from None
+
+    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids; special-token strings in the rendered text become their ids, no extra BOS."""
+        return tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False)

@@ -1,0 +1,81 @@
+"""Tiny real tokenizers in each family's file format, trained on the spot (no downloads).
+
+sentencepiece: a BPE ``tokenizer.model`` with byte fallback (LLaMA-2 / Orion / Yi style).
+tokenizers: a ``tokenizer.json`` BPE with a Metaspace pre-tokenizer and byte fallback
+(XVERSE style), or byte-level BPE (GPT-2 / Qwen style).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Suzhou is famous of its beautiful gardens. The most famous one is the Humble Administrator's Garden.",
+    "Hello, what is your name? My name is moekit, a toolkit for mixture of experts models.",
+    "In the beginning God created the heaven and the earth.",
+    "北京的景点：故宫、天坛、万里长城等。",
+    "深圳的景点：世界之窗、欢乐谷。",
+    "你好，请问你叫什么名字？",
+] * 20
+
+
+def write_sentencepiece(folder: Path, vocab_size: int = 400, specials=("<unk>", "<s>", "</s>"),
+                        extra_special: tuple[str, ...] = (), chat_template: str | None = None,
+                        add_bos: bool = True) -> None:
+    """``tokenizer.model`` + ``tokenizer_config.json``; ids 0/1/2 are unk/bos/eos."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=list(extra_special), add_dummy_prefix=True, minloglevel=2,
+        normalization_rule_name="identity")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {"tokenizer_class": "LlamaTokenizer", "unk_token": specials[0], "bos_token": specials[1],
+           "eos_token": specials[2], "add_bos_token": add_bos, "add_eos_token": False}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def write_hf_bpe(folder: Path, vocab_size: int = 400, bos="<|startoftext|>", eos="<|endoftext|>", pad="<pad>",
+                 byte_level: bool = False, extra_special: tuple[str, ...] = (), chat_template: str | None = None,
+                 add_bos: bool | None = None) -> None:
+    """``tokenizer.json`` (+ config); pad/bos/eos are ids 0/1/2 (XVERSE uses 1/2/3: pass pad first)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [pad, bos, eos, *extra_special]
+    if byte_level:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, limit_alphabet=60)
+    tok.train_from_iterator(TEXT, trainer)
+    if not byte_level:  # LLaMA-style byte fallback: <0xNN> pieces are ordinary vocabulary entries
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        spec["model"]["byte_fallback"] = True
+        tok = Tokenizer.from_str(json.dumps(spec))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
+           "added_tokens_decoder": {str(tok.token_to_id(s)): {"content": s, "special": True} for s in specials}}
+    if add_bos is not None:
+        cfg["add_bos_token"] = add_bos
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
