@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.kernels.reference import moe_experts
-from moekit.models.moe import Experts, route
+from moekit.kernels.reference import route
+from moekit.models.moe import Experts
 
 shapes = st.tuples(st.integers(1, 12), st.integers(2, 16)).flatmap(
     lambda te: st.tuples(st.just(te[0]), st.just(te[1]), st.integers(1, te[1]), st.integers(0, 2**31 - 1)))

@@ -9,14 +9,40 @@ import torch
 import torch.nn.functional as F
 
 
-def moe_experts(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
-                ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), computing only the experts that were selected.
+def silu_mul(h_TF2: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [gate | up]."""
+    gate, up = h_TF2.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def route(logits_TE: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
+          eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: (weights_TK float32, ids_TK). Ties go to the lower expert index.
+
+    softmax: probabilities over all E experts, keep the k largest, optionally divide
+    them by their sum (+eps). That equals softmax over the k largest logits when
+    eps is 0 (LLaMA-MoE's form). sigmoid: independent scores, same selection.
+    """
+    logits32 = logits_TE.float()
+    scores = logits32.softmax(-1) if score_func == "softmax" else logits32.sigmoid()
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = scores.gather(-1, order)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + eps)
+    return weights, order
+
+
+def moe_experts(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, ids_TK: torch.Tensor,
+                weights_TK: torch.Tensor, shared=None, act=silu_mul) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) (+ shared), computing only the selected experts.
 
     ``w13_EFD`` stacks each expert's gate rows then up rows ([E, 2F, D]); ``w2_EDF`` is the
     down projection. Tokens are grouped by expert with one stable sort, so each selected
     expert runs one matmul over all of its tokens; nothing is copied per token.
+    ``shared``: optional (w13 [2Fs, D], w2 [D, Fs], gate_T or None), an always-on expert
+    added with weight ``gate_T[t]`` (1 when None).
     """
+    weights_TK = weights_TK.to(x_TD.dtype)
     T, K = ids_TK.shape
     E, F2, _ = w13_EFD.shape
     flat_ids = ids_TK.reshape(-1)
@@ -30,8 +56,43 @@ def moe_experts(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
         if n == 0:
             continue
         rows = token_of[start:start + n]
-        gate, up = F.linear(x_TD[rows], w13_EFD[e]).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, w2_EDF[e])
+        out = F.linear(act(F.linear(x_TD[rows], w13_EFD[e])), w2_EDF[e])
         y_TD.index_add_(0, rows, (out * w_flat[order[start:start + n], None]).to(y_TD.dtype))
         start += n
+    if shared is not None:
+        w13_s, w2_s, gate_T = shared
+        s_TD = mlp(x_TD, w13_s, w2_s, act)
+        y_TD = y_TD + (s_TD if gate_T is None else gate_T.to(s_TD.dtype)[:, None] * s_TD)
     return y_TD
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b)."""
+    return F.linear(x, w, b)
+
+
+def mlp(x_TD: torch.Tensor, w13_FD: torch.Tensor, w2_DF: torch.Tensor, act=silu_mul) -> torch.Tensor:
+    """SwiGLU: down(silu(gate x) * up x), gate and up stacked in ``w13`` [2F, D]."""
+    return F.linear(act(F.linear(x_TD, w13_FD)), w2_DF)
+
+
+def rotary(x_BNTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + [-x2, x1] * sin."""
+    x1, x2 = x_BNTA.chunk(2, dim=-1)
+    return x_BNTA * cos_BTA[:, None] + torch.cat((-x2, x1), dim=-1) * sin_BTA[:, None]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA-style RMSNorm: normalise in float32, cast back, then scale by the weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(x.dtype)
+
+
+def attention(q_BHTA: torch.Tensor, k_BGSA: torch.Tensor, v_BGSA: torch.Tensor,
+              mask_BTS: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention; causal when no mask is given, else ``mask`` (True = attend), GQA by head groups."""
+    gqa = q_BHTA.shape[1] != k_BGSA.shape[1]
+    if mask_BTS is None:
+        return F.scaled_dot_product_attention(q_BHTA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q_BHTA, k_BGSA, v_BGSA, attn_mask=mask_BTS[:, None], enable_gqa=gqa)

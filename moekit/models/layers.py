@@ -11,33 +11,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
+from moekit.kernels import get_backend
 
 
 class Norm(nn.Module):
     """RMSNorm (weight only, computed in float32, LLaMA style) or LayerNorm with bias."""
 
-    def __init__(self, dim: int, eps: float, kind: str = "rms"):
+    def __init__(self, dim: int, eps: float, kind: str = "rms", kernels=None):
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.kernels = kind, eps, kernels or get_backend()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x_BTD, (x_BTD.shape[-1],), self.weight, self.bias, self.eps)
-        x32 = x_BTD.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x_BTD.dtype)
+        return self.kernels.rms_norm(x_BTD, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
-    """Rotate-half (NeoX) RoPE over the full head width, with linear or dynamic-NTK scaling."""
+    """Rotate-half (NeoX) RoPE over the full head width, with linear or dynamic-NTK scaling.
+
+    Without dynamic scaling the cos/sin of every position are cached in a table that
+    grows on demand, so a decode step only gathers its rows.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dim, self.theta = cfg.head_dim, cfg.rope_theta
         self.scaling, self.max_pos = cfg.rope_scaling, cfg.max_position_embeddings
         self.register_buffer("inv_freq", self._inv_freq(self.theta), persistent=False)
+        self._table: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _inv_freq(self, base: float) -> torch.Tensor:
         return 1.0 / base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim)
@@ -45,72 +49,83 @@ class Rotary(nn.Module):
     def reset(self) -> None:
         """Recompute the frequency buffer (after materialising a meta-device model)."""
         self.inv_freq = self._inv_freq(self.theta).to(self.inv_freq.device)
+        self._table = {}
+
+    def _angles(self, pos: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scaling is not None and self.scaling.kind == "linear":
+            pos = pos / self.scaling.factor
+        ang = torch.einsum("...t,a->...ta", pos, inv)
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos(), ang.sin()
 
     def forward(self, pos_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, A] for integer positions ``pos_BT``."""
-        inv, pos = self.inv_freq, pos_BT.float()
-        if self.scaling is not None and self.scaling.kind == "linear":
-            pos = pos / self.scaling.factor
-        elif self.scaling is not None:  # dynamic NTK: grow the base once the sequence outgrows training
-            seq = int(pos_BT.max()) + 1
+        if self.scaling is not None and self.scaling.kind == "dynamic":  # NTK: base grows with the sequence
+            seq, inv = int(pos_BT.max()) + 1, self.inv_freq
             if seq > self.max_pos:
                 f = self.scaling.factor
                 base = self.theta * ((f * seq / self.max_pos) - (f - 1)) ** (self.dim / (self.dim - 2))
-                inv = self._inv_freq(base).to(pos.device)
-        ang_BTA = torch.einsum("bt,a->bta", pos, inv)
-        ang_BTA = torch.cat((ang_BTA, ang_BTA), dim=-1)
-        return ang_BTA.cos().to(dtype), ang_BTA.sin().to(dtype)
-
-
-def apply_rotary(x_BHTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -> torch.Tensor:
-    """Rotate query or key heads by their positions."""
-    cos, sin = cos_BTA[:, None], sin_BTA[:, None]
-    x1, x2 = x_BHTA.chunk(2, dim=-1)
-    return x_BHTA * cos + torch.cat((-x2, x1), dim=-1) * sin
+                inv = self._inv_freq(base).to(pos_BT.device)
+            cos, sin = self._angles(pos_BT.float(), inv)
+            return cos.to(dtype), sin.to(dtype)
+        need = int(pos_BT.max()) + 1
+        cos, sin = self._table.get(dtype, (None, None))
+        if cos is None or cos.shape[0] < need or cos.device != pos_BT.device:
+            n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
+            cos, sin = self._angles(torch.arange(n, device=pos_BT.device).float(), self.inv_freq.to(pos_BT.device))
+            cos, sin = cos.to(dtype), sin.to(dtype)
+            self._table[dtype] = (cos, sin)
+        return cos[pos_BT], sin[pos_BT]
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention with RoPE."""
+    """Multi-head / grouped-query causal self-attention with RoPE; q, k, v stacked in one ``wqkv``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels=None):
         super().__init__()
         d, a = cfg.hidden_size, cfg.head_dim
-        self.h, self.g, self.a = cfg.num_heads, cfg.num_kv_heads, a
-        self.q = nn.Linear(d, self.h * a, bias=cfg.attention_bias)
-        self.k = nn.Linear(d, self.g * a, bias=cfg.attention_bias)
-        self.v = nn.Linear(d, self.g * a, bias=cfg.attention_bias)
-        self.o = nn.Linear(self.h * a, d, bias=False)
+        self.h, self.g, self.a, self.kernels = cfg.num_heads, cfg.num_kv_heads, a, kernels or get_backend()
+        self.wqkv = nn.Parameter(torch.empty((self.h + 2 * self.g) * a, d))
+        self.bqkv = nn.Parameter(torch.zeros((self.h + 2 * self.g) * a)) if cfg.attention_bias else None
+        self.wo = nn.Parameter(torch.empty(d, self.h * a))
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """q/k/v/o projections in the [out, in] layout checkpoints store."""
+        q, k = self.h * self.a, self.g * self.a
+        out = {"q.weight": self.wqkv[:q], "k.weight": self.wqkv[q:q + k], "v.weight": self.wqkv[q + k:],
+               "o.weight": self.wo}
+        if self.bqkv is not None:
+            out.update({"q.bias": self.bqkv[:q], "k.bias": self.bqkv[q:q + k], "v.bias": self.bqkv[q + k:]})
+        return out
 
     def forward(self, x_BTD, cos_BTA, sin_BTA, cache=None, layer: int = 0) -> torch.Tensor:
         """``cache`` (optional) stores this step's keys/values and returns the whole history with a mask."""
         B, T, _ = x_BTD.shape
-        q_BHTA = self.q(x_BTD).view(B, T, self.h, self.a).transpose(1, 2)
-        k_BGTA = self.k(x_BTD).view(B, T, self.g, self.a).transpose(1, 2)
-        v_BGTA = self.v(x_BTD).view(B, T, self.g, self.a).transpose(1, 2)
-        q_BHTA = apply_rotary(q_BHTA, cos_BTA, sin_BTA)
-        k_BGTA = apply_rotary(k_BGTA, cos_BTA, sin_BTA)
+        qkv = self.kernels.linear(x_BTD, self.wqkv, self.bqkv)
+        q_BHTA, k_BGTA, v_BGTA = qkv.view(B, T, self.h + 2 * self.g, self.a).transpose(1, 2).split(
+            (self.h, self.g, self.g), dim=1)
+        q_BHTA = self.kernels.rotary(q_BHTA, cos_BTA, sin_BTA)
+        k_BGTA = self.kernels.rotary(k_BGTA, cos_BTA, sin_BTA)
         if cache is None:
-            o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BGTA, v_BGTA, is_causal=True,
-                                                    enable_gqa=self.g != self.h)
+            o_BHTA = self.kernels.attention(q_BHTA, k_BGTA, v_BGTA)
         else:
             k_BGSA, v_BGSA, mask_BTS = cache.update(layer, k_BGTA, v_BGTA)
-            o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BGSA, v_BGSA, attn_mask=mask_BTS[:, None],
-                                                    enable_gqa=self.g != self.h)
-        return self.o(o_BHTA.transpose(1, 2).reshape(B, T, self.h * self.a))
+            o_BHTA = self.kernels.attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS)
+        return self.kernels.linear(o_BHTA.transpose(1, 2).reshape(B, T, self.h * self.a), self.wo)
 
 
 class MLP(nn.Module):
     """SwiGLU FFN: down(silu(gate x) * up x), with gate and up stacked in one ``w13`` [2F, D]."""
 
-    def __init__(self, dim: int, width: int):
+    def __init__(self, dim: int, width: int, kernels=None):
         super().__init__()
-        self.width = width
+        self.width, self.kernels = width, kernels or get_backend()
         self.w13 = nn.Parameter(torch.empty(2 * width, dim))
         self.w2 = nn.Parameter(torch.empty(dim, width))
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_TF, up_TF = F.linear(x_TD, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_TF) * up_TF, self.w2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., D] -> [..., D]."""
+        return self.kernels.mlp(x.reshape(-1, x.shape[-1]), self.w13, self.w2).view(x.shape)
 
     def views(self) -> dict[str, torch.Tensor]:
         """Per-projection views in the [out, in] layout checkpoints store."""

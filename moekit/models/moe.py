@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig, MoEConfig
+from moekit.kernels import get_backend
 from moekit.models.layers import MLP
 
 
@@ -27,29 +28,12 @@ class Routing:
     noise_std_TE: torch.Tensor | None = None  # per-logit noise std (noisy gates only)
 
 
-def route(logits_TE: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
-          eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing: (weights_TK float32, ids_TK). Ties go to the lower expert index.
-
-    softmax: probabilities over all E experts, keep the k largest, optionally divide
-    them by their sum (+eps). That equals softmax over the k largest logits when
-    eps is 0 (LLaMA-MoE's form). sigmoid: independent scores, same selection.
-    """
-    logits32 = logits_TE.float()
-    scores = logits32.softmax(-1) if score_func == "softmax" else logits32.sigmoid()
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    weights = scores.gather(-1, order)
-    if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + eps)
-    return weights, order
-
-
 class Router(nn.Module):
     """Linear(d->E), or LLaMA-MoE's Linear(d->E) -> Tanh -> Linear(E->E); optional noise projection."""
 
-    def __init__(self, dim: int, m: MoEConfig):
+    def __init__(self, dim: int, m: MoEConfig, kernels=None):
         super().__init__()
-        self.m = m
+        self.m, self.kernels = m, kernels or get_backend()
         self.proj = nn.Linear(dim, m.num_experts, bias=False)
         self.proj2 = nn.Linear(m.num_experts, m.num_experts, bias=False) if m.router == "mlp" else None
         self.noise = nn.Linear(dim, m.num_experts, bias=False) if m.router_noise else None
@@ -58,7 +42,10 @@ class Router(nn.Module):
         """Router logits [T, E] (float32 when ``router_fp32``)."""
         if self.m.router_fp32:
             x_TD = x_TD.float()
-        h_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
+        if self.proj.weight.dtype == x_TD.dtype:
+            h_TE = self.kernels.linear(x_TD, self.proj.weight)
+        else:
+            h_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
         if self.proj2 is not None:
             h_TE = F.linear(torch.tanh(h_TE), self.proj2.weight.to(x_TD.dtype))
         return h_TE
@@ -73,7 +60,7 @@ class Router(nn.Module):
             clean = logits
             std = F.softplus(F.linear(x_TD.to(logits.dtype), self.noise.weight.to(logits.dtype))) + m.noise_eps
             logits = clean + torch.randn_like(clean) * std
-        weights, ids = route(logits, m.top_k, m.score_func, m.renormalize, m.renormalize_eps)
+        weights, ids = self.kernels.route(logits, m.top_k, m.score_func, m.renormalize, m.renormalize_eps)
         return Routing(logits.float(), ids, weights, clean, std)
 
 
@@ -122,9 +109,9 @@ class MoE(nn.Module):
         super().__init__()
         m, d = cfg.moe, cfg.hidden_size
         self.kernels, self.scale = kernels, m.scale(layer)
-        self.router = Router(d, m)
+        self.router = Router(d, m, kernels)
         self.experts = Experts(d, [m.width(layer, e) for e in range(m.num_experts)])
-        self.shared = MLP(d, m.shared_width) if m.shared_width else None
+        self.shared = MLP(d, m.shared_width, kernels) if m.shared_width else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if m.shared_gate else None
 
     def forward(self, x_BTD: torch.Tensor, routing: list | None = None) -> torch.Tensor:
@@ -133,11 +120,10 @@ class MoE(nn.Module):
         r = self.router(x_TD)
         if routing is not None:
             routing.append(r)
-        w_TK = (r.weights_TK * self.scale if self.scale != 1.0 else r.weights_TK).to(x_TD.dtype)
-        y_TD = self.kernels.moe_experts(x_TD, self.experts.w13, self.experts.w2, r.ids_TK, w_TK)
+        w_TK = r.weights_TK * self.scale if self.scale != 1.0 else r.weights_TK
+        shared = None
         if self.shared is not None:
-            s_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
-            y_TD = y_TD + s_TD
+            gate_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).view(-1)
+            shared = (self.shared.w13, self.shared.w2, gate_T)
+        y_TD = self.kernels.moe_experts(x_TD, self.experts.w13, self.experts.w2, r.ids_TK, w_TK, shared)
         return y_TD.view(B, T, D)

@@ -6,10 +6,9 @@ Shape legend: B batch, T tokens, D model width, V vocabulary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, count_params
 from moekit.kernels import get_backend
 from moekit.models.layers import MLP, Attention, Norm, Rotary
 from moekit.models.moe import MoE
@@ -21,10 +20,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, kernels):
         super().__init__()
         self.layer = layer
-        self.attn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm)
-        self.attn = Attention(cfg)
-        self.ffn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm)
-        self.ffn = MoE(cfg, layer, kernels) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm, kernels)
+        self.attn = Attention(cfg, kernels)
+        self.ffn_norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm, kernels)
+        self.ffn = (MoE(cfg, layer, kernels) if cfg.is_moe_layer(layer)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, kernels))
 
     def forward(self, x_BTD, cos, sin, cache=None, routing=None):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, self.layer)
@@ -40,11 +40,11 @@ class MoEDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "reference"):
         super().__init__()
         self.config = cfg
-        self.kernels = get_backend(kernels)
+        self.kernels = get_backend(kernels, count_params(cfg)[0])
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
-        self.norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm)
+        self.norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
@@ -76,7 +76,7 @@ class MoEDecoder(nn.Module):
             cache.commit(T)
         if last_only:
             x_BTD = x_BTD[:, -1:]
-        return F.linear(self.norm(x_BTD), self.output_weight)
+        return self.kernels.linear(self.norm(x_BTD), self.output_weight)
 
     def named_views(self) -> dict[str, torch.Tensor]:
         """Every checkpoint-level tensor of the model, by moekit's canonical name.
@@ -106,7 +106,7 @@ class MoEDecoder(nn.Module):
                 if module.bias is not None:
                     module.bias.zero_()
         for name, p in self.named_parameters():
-            if ".attn." in name and name.endswith(".bias"):
+            if name.endswith(".attn.bqkv"):
                 p.zero_()
             elif "norm." not in name:
                 p.normal_(0.0, std, generator=generator)

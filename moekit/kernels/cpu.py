@@ -1,0 +1,139 @@
+"""The CPU backend: C++ kernels (moekit_cpu.cpp) for decode-sized batches, the reference path otherwise.
+
+The extension is compiled once per machine with the system compiler
+(``-march=native``, so AVX-512 BF16 where the CPU has it) and cached under
+``~/.cache/moekit``. Anything the kernels do not cover (many tokens, autograd,
+float16, non-contiguous inputs) runs the plain PyTorch reference, which is
+also their oracle in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from moekit.kernels import reference
+
+SOURCE = Path(__file__).with_name("cpu") / "moekit_cpu.cpp"
+MAX_TOKENS = 32  # beyond this, grouped GEMMs through oneDNN/MKL (the reference path) are faster
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def supported() -> bool:
+    """Whether this machine can use the C++ kernels (x86-64 with AVX-512)."""
+    return sys.platform.startswith("linux") and " avx512f " in f" {_cpu_flags().split(':')[-1].strip()} "
+
+
+@lru_cache(maxsize=1)
+def extension():
+    """Compile (first use only) and load the C++ kernels; raises if this machine cannot build them."""
+    from torch.utils.cpp_extension import load
+
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
+    build = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / f"cpu-{key}"
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print("moekit: compiling CPU kernels for this machine (once, about 30 s)...", file=sys.stderr, flush=True)
+    return load(name=f"moekit_cpu_{key}", sources=[str(SOURCE)], build_directory=str(build),
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _fast(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """The C++ path handles this call: few tokens, bf16/fp32 on the CPU, no autograd."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_TOKENS
+            and x.dtype in (torch.bfloat16, torch.float32)
+            and all(w.dtype == x.dtype for w in weights)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if _fast(x2, w) and w.is_contiguous() and (b is None or b.dtype == x.dtype):
+        return extension().linear(x2.contiguous(), w, b).view(*x.shape[:-1], w.shape[0])
+    return reference.linear(x, w, b)
+
+
+def _elementwise(*ts: torch.Tensor) -> bool:
+    """The C++ elementwise kernels apply: bf16/fp32 CPU tensors of one dtype, no autograd."""
+    x = ts[0]
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and all(t.dtype == x.dtype for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    if _elementwise(h) and h.dim() == 2:
+        return extension().silu_mul(h.contiguous())
+    return reference.silu_mul(h)
+
+
+def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    if _fast(x, w13, w2) and w13.is_contiguous() and w2.is_contiguous():
+        return extension().mlp(x.contiguous(), w13, w2)
+    return reference.mlp(x, w13, w2, act=silu_mul)
+
+
+MAX_TOKENS_PER_EXPERT = 64  # fused kernel up to this many tokens per expert (on average); grouped GEMMs beyond
+
+
+def moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch.Tensor:
+    T, K = ids_TK.shape
+    few = T <= MAX_TOKENS or T * K <= MAX_TOKENS_PER_EXPERT * w13_EFD.shape[0]
+    tensors = (x_TD, w13_EFD, w2_EDF) + (() if shared is None else tuple(shared[:2]))
+    if few and _elementwise(*tensors) and x_TD.dim() == 2 and all(t.is_contiguous() for t in tensors[1:]):
+        s13, s2, gate = shared if shared is not None else (None, None, None)
+        return extension().moe(x_TD.contiguous(), w13_EFD, w2_EDF, ids_TK.contiguous(), weights_TK.float().contiguous(),
+                               s13, s2, None if gate is None else gate.float().contiguous())
+    return reference.moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared, act=silu_mul)
+
+
+def route(logits_TE, k, score_func="softmax", renormalize=True, eps=0.0):
+    if logits_TE.device.type == "cpu" and logits_TE.dim() == 2 and not (torch.is_grad_enabled()
+                                                                        and logits_TE.requires_grad):
+        weights, ids = extension().route(logits_TE.float().contiguous(), k, score_func == "softmax", renormalize,
+                                         eps, 1.0)
+        return weights, ids
+    return reference.route(logits_TE, k, score_func, renormalize, eps)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if _elementwise(x, w) and w.is_contiguous():
+        return extension().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), w, eps).view(x.shape)
+    return reference.rms_norm(x, w, eps)
+
+
+def rotary(x_BNTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -> torch.Tensor:
+    if _elementwise(x_BNTA, cos_BTA, sin_BTA) and x_BNTA.dim() == 4:
+        return extension().rotary(x_BNTA.contiguous(), cos_BTA.contiguous(), sin_BTA.contiguous())
+    return reference.rotary(x_BNTA, cos_BTA, sin_BTA)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with contiguous rows along its last dimension (a KV-cache slice already has them)."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
+def attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
+    """Any number of query tokens: a row kernel for a few, blocked (flash) attention for many."""
+    dtype = q_BHTA.dtype
+    ok = (q_BHTA.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and q_BHTA.dim() == 4
+          and k_BGSA.dtype == dtype and v_BGSA.dtype == dtype and q_BHTA.shape[-1] % 16 == 0
+          and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHTA, k_BGSA, v_BGSA))))
+    if ok:
+        mask = None if mask_BTS is None else mask_BTS.contiguous()
+        return extension().attention(q_BHTA.contiguous(), _rows(k_BGSA), _rows(v_BGSA), mask,
+                                     q_BHTA.shape[-1] ** -0.5)
+    return reference.attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS)
