@@ -46,3 +46,27 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory):
+    """Tiny checkpoints with real tokenizer files: 'xverse' (tokenizer.json, byte fallback) and
+    'llama_moe' (SentencePiece tokenizer.model), vocab 400."""
+    from tests.tokfixtures import write_hf_bpe, write_sentencepiece
+
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            folder = tmp_path_factory.mktemp(f"text-{kind}")
+            if kind == "xverse":
+                cfg, _ = make_checkpoint("xverse", folder, seed=11, vocab_size=400, dtype="float32",
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                write_hf_bpe(folder)
+            else:
+                cfg, _ = make_checkpoint("llama_moe", folder, seed=12, vocab_size=400)
+                write_sentencepiece(folder)
+            built[kind] = folder
+        return built[kind]
+
+    return get

@@ -36,8 +36,11 @@ def write_sentencepiece(folder: Path, vocab_size: int = 400, specials=("<unk>", 
         normalization_rule_name="identity")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    declared = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in (*specials, *extra_special)}
     cfg = {"tokenizer_class": "LlamaTokenizer", "unk_token": specials[0], "bos_token": specials[1],
-           "eos_token": specials[2], "add_bos_token": add_bos, "add_eos_token": False}
+           "eos_token": specials[2], "add_bos_token": add_bos, "add_eos_token": False,
+           "added_tokens_decoder": declared}
     if chat_template:
         cfg["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))

@@ -1,4 +1,4 @@
-"""The CPU backend: C++ kernels (moekit_cpu.cpp) for decode-sized batches, the reference path otherwise.
+"""The CPU backend: C++ AVX-512 kernels (moekit/kernels/cpu/*.cpp), the reference path where they do not apply.
 
 The extension is compiled once per machine with the system compiler
 (``-march=native``, so AVX-512 BF16 where the CPU has it) and cached under
@@ -19,8 +19,8 @@ import torch
 
 from moekit.kernels import reference
 
-SOURCE = Path(__file__).with_name("cpu") / "moekit_cpu.cpp"
-MAX_TOKENS = 32  # beyond this, grouped GEMMs through oneDNN/MKL (the reference path) are faster
+SOURCES = Path(__file__).with_name("cpu")
+MAX_TOKENS = 32  # linear/mlp: beyond this, oneDNN/MKL GEMMs (the reference path) are faster
 
 
 def _cpu_flags() -> str:
@@ -43,12 +43,16 @@ def extension():
     """Compile (first use only) and load the C++ kernels; raises if this machine cannot build them."""
     from torch.utils.cpp_extension import load
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
+    files = sorted(SOURCES.glob("*.cpp")) + sorted(SOURCES.glob("*.h"))
+    digest = hashlib.sha256(_cpu_flags().encode() + torch.__version__.encode())
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    key = digest.hexdigest()[:12]
     build = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / f"cpu-{key}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         print("moekit: compiling CPU kernels for this machine (once, about 30 s)...", file=sys.stderr, flush=True)
-    return load(name=f"moekit_cpu_{key}", sources=[str(SOURCE)], build_directory=str(build),
+    return load(name=f"moekit_cpu_{key}", sources=[str(f) for f in files if f.suffix == ".cpp"], build_directory=str(build),
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -86,18 +90,21 @@ def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return reference.mlp(x, w13, w2, act=silu_mul)
 
 
-MAX_TOKENS_PER_EXPERT = 64  # fused kernel up to this many tokens per expert (on average); grouped GEMMs beyond
+MOE_CHUNK = 1024  # tokens per fused-kernel call: bounds its float32 scratch (tokens x top-k x width)
 
 
 def moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch.Tensor:
-    T, K = ids_TK.shape
-    few = T <= MAX_TOKENS or T * K <= MAX_TOKENS_PER_EXPERT * w13_EFD.shape[0]
     tensors = (x_TD, w13_EFD, w2_EDF) + (() if shared is None else tuple(shared[:2]))
-    if few and _elementwise(*tensors) and x_TD.dim() == 2 and all(t.is_contiguous() for t in tensors[1:]):
-        s13, s2, gate = shared if shared is not None else (None, None, None)
-        return extension().moe(x_TD.contiguous(), w13_EFD, w2_EDF, ids_TK.contiguous(), weights_TK.float().contiguous(),
-                               s13, s2, None if gate is None else gate.float().contiguous())
-    return reference.moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared, act=silu_mul)
+    if not (_elementwise(*tensors) and x_TD.dim() == 2 and all(t.is_contiguous() for t in tensors[1:])):
+        return reference.moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared, act=silu_mul)
+    s13, s2, gate = shared if shared is not None else (None, None, None)
+    ext, out = extension(), []
+    for t0 in range(0, x_TD.shape[0], MOE_CHUNK):
+        part = slice(t0, t0 + MOE_CHUNK)
+        out.append(ext.moe(x_TD[part].contiguous(), w13_EFD, w2_EDF, ids_TK[part].contiguous(),
+                           weights_TK[part].float().contiguous(), s13, s2,
+                           None if gate is None else gate[part].float().contiguous()))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def route(logits_TE, k, score_func="softmax", renormalize=True, eps=0.0):

@@ -1,0 +1,29 @@
+// Python bindings of moekit's CPU kernels (compiled by moekit/kernels/cpu.py).
+
+#include <torch/extension.h>
+
+#include "common.h"
+
+namespace moekit {
+bool has_avx512_bf16() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace moekit
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &moekit::linear, "y = x W^T (+ b) for a few tokens");
+  m.def("mlp", &moekit::mlp, "SwiGLU MLP for a few tokens");
+  m.def("moe", &moekit::moe, "routed SwiGLU experts (plus an optional shared expert) for a few tokens", py::arg("x"),
+        py::arg("w13"), py::arg("w2"), py::arg("ids"), py::arg("weights"), py::arg("shared_w13") = py::none(),
+        py::arg("shared_w2") = py::none(), py::arg("shared_weights") = py::none());
+  m.def("route", &moekit::route, "top-k routing of float32 logits");
+  m.def("rms_norm", &moekit::rms_norm, "RMSNorm");
+  m.def("silu_mul", &moekit::silu_mul, "silu(gate) * up over [gate | up] rows");
+  m.def("rotary", &moekit::rotary, "rotate-half RoPE");
+  m.def("attention", &moekit::attention, "attention of a few query tokens over a KV cache slice");
+  m.def("has_avx512_bf16", &moekit::has_avx512_bf16, "whether vdpbf16ps is compiled in");
+}

@@ -1,0 +1,155 @@
+// Shared helpers of moekit's CPU kernels: bf16 <-> float32, AVX-512 vector helpers, argument checks,
+// and a cost-balanced parallel loop. Threads come from torch (at::parallel_for); the plain PyTorch
+// twin, moekit/kernels/reference.py, is the oracle every kernel is tested against.
+//
+// Shape legend: T tokens, D model width, N output rows, E experts, K experts per token,
+// F (padded) expert width, A head width.
+#pragma once
+
+#include <torch/types.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace moekit {
+
+using bf16 = uint16_t;
+
+inline float bf2f(bf16 v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16 f2bf(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 64u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16(u >> 16);
+}
+
+template <typename A> inline float to_f(A v);
+template <> inline float to_f<float>(float v) { return v; }
+template <> inline float to_f<bf16>(bf16 v) { return bf2f(v); }
+template <typename A> inline A from_f(float v);
+template <> inline float from_f<float>(float v) { return v; }
+template <> inline bf16 from_f<bf16>(float v) { return f2bf(v); }
+
+#if defined(__AVX512F__)
+// exp(x) for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2 (Cephes polynomial, rel. error ~1e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline __m256i bf16x16(__m512 v) {  // round to nearest even (NaNs are not produced by these kernels)
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, bf16x16(v)); }
+// v rounded to the activation dtype and back (torch rounds after every bf16 op)
+inline __m512 rnd(__m512 v, const float*) { return v; }
+inline __m512 rnd(__m512 v, const bf16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16(v)), 16));
+}
+
+// Horizontal sums of 16 vectors at once: lane i of the result = sum of the lanes of v[i].
+// Four rounds of shuffles and adds (about 30 instructions instead of 16 separate reductions).
+inline __m512 reduce16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i(0+2), v2i+1(0+2), v2i(1+3), v2i+1(1+3)]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's full sums of v4i .. v4i+3
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes [b2i.L0+L2, b2i.L1+L3, b2i+1.L0+L2, b2i+1.L1+L3]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// out[t * ldo + r] += horizontal sum of acc[t][r] for TB x RR accumulators (TB * RR <= 16).
+template <int TB, int RR>
+inline void add_sums(__m512 (&acc)[TB][RR], float* out, int64_t ldo) {
+  static_assert(TB * RR <= 16, "at most 16 accumulators");
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = i < TB * RR ? acc[i / RR][i % RR] : _mm512_setzero_ps();
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, reduce16(v));
+  for (int i = 0; i < TB * RR; ++i) out[(i / RR) * ldo + i % RR] += sums[i];
+}
+#endif
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// A work item costs about ITEM_COST tokens' worth of arithmetic just to stream its weight rows from
+// memory (at ~45 GB/s and ~900 GFLOP/s the two balance near 4 tokens), plus one unit per token.
+constexpr double ITEM_COST = 4.0;
+
+// Run fn(i0, i1) over [0, n) split into one contiguous range per thread of (nearly) equal total cost.
+// Items are ordered by expert, and routing can be very uneven, so splitting by count would idle a thread.
+template <typename Fn>
+void balanced_for(const std::vector<double>& cost, Fn fn) {
+  const int64_t n = cost.size(), parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<double> prefix(n + 1, 0.0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost[i];
+  std::vector<int64_t> cut(parts + 1, n);
+  cut[0] = 0;
+  for (int64_t p = 1; p < parts; ++p)
+    cut[p] = std::lower_bound(prefix.begin(), prefix.end(), prefix[n] * p / parts) - prefix.begin();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (cut[p] < cut[p + 1]) fn(cut[p], cut[p + 1]);
+  });
+}
+
+inline void check(bool ok, const char* what) { TORCH_CHECK(ok, "moekit cpu kernel: ", what); }
+
+inline bool is_bf16(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16; }
+
+inline void check_pair(const torch::Tensor& x, const torch::Tensor& w) {
+  check(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "x must be [T, D] and both contiguous");
+  check(x.scalar_type() == w.scalar_type() && (is_bf16(x) || x.scalar_type() == torch::kFloat32),
+        "x and weights must both be bfloat16 or both float32");
+}
+
+// Entry points (bindings.cpp exposes them to Python).
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b);
+torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2);
+torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor ids, torch::Tensor wts,
+                  c10::optional<torch::Tensor> s13, c10::optional<torch::Tensor> s2, c10::optional<torch::Tensor> swts);
+std::vector<torch::Tensor> route(torch::Tensor logits, int64_t k, bool softmax, bool renorm, double eps, double scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor silu_mul(torch::Tensor h);
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                        double scale);
+
+}  // namespace moekit

@@ -1,0 +1,78 @@
+"""Sampling knobs against hand-computed cases (transformers / OpenAI semantics)."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.engine.sampling import SamplingParams, apply_penalties, sample, warp
+
+
+def test_repetition_penalty_hand_computed():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_penalties(logits, [SamplingParams(repetition_penalty=2.0)], seen, torch.zeros(1, 4))
+    # seen positive logits are divided, seen negative ones multiplied (transformers' RepetitionPenaltyLogitsProcessor)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+def test_presence_and_frequency_penalties_hand_computed():
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    out = apply_penalties(logits, [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)],
+                          torch.zeros(1, 4, dtype=torch.bool), counts)
+    assert out.tolist() == [[0.0, -0.75, -1.25, 0.0]]
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([1.0, 4.0, 2.0, 3.0, 0.0])
+    kept = torch.isfinite(warp(logits, SamplingParams(top_k=2)))
+    assert kept.tolist() == [False, True, False, True, False]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(warp(logits, SamplingParams(top_p=p))).tolist()
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+
+
+def test_min_p_scales_with_the_top_probability():
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    kept = torch.isfinite(warp(probs.log(), SamplingParams(min_p=0.2))).tolist()
+    assert kept == [True, True, False, False]  # threshold 0.2 * 0.6 = 0.12
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([1.0, 2.0])
+    assert warp(logits, SamplingParams(temperature=0.5)).tolist() == [2.0, 4.0]
+
+
+def test_sampled_frequencies_follow_the_warped_distribution():
+    logits = torch.tensor([[0.0, math.log(3.0), -10.0]])
+    g = torch.Generator().manual_seed(0)
+    params = [SamplingParams(top_k=2)]
+    draws = [int(sample(logits, params, [g], torch.zeros(1, 3, dtype=torch.bool), torch.zeros(1, 3)))
+             for _ in range(4000)]
+    assert 2 not in draws  # removed by top-k
+    assert abs(draws.count(1) / 4000 - 0.75) < 0.03
+
+
+def test_greedy_and_suppression():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    params = [SamplingParams(temperature=0)]
+    none = torch.zeros(1, 3, dtype=torch.bool)
+    assert sample(logits, params, [None], none, torch.zeros(1, 3)).item() == 1
+    assert sample(logits, params, [None], none, torch.zeros(1, 3), suppress=[(1,)]).item() == 2
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.0),
+    ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("max_new_tokens", 0), ("stop", [""]),
+])
+def test_invalid_parameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"sampling parameter {field}="):
+        SamplingParams(**{field: value})
