@@ -12,7 +12,9 @@ Hugging Face layout) and are timed the same way, in the same process:
 - every metric is measured round-robin over all contenders (best of 3), so machine drift
   during the run hits every contender alike;
 - floor: bytes read per decode step (active weights + one embedding row + KV cache)
-  divided by a copy bandwidth probed in this run (bytes read + written per second).
+  divided by a copy bandwidth probed in this run (bytes read + written per second); each
+  decode round is paired with its own probe (this machine's bandwidth drifts), and the
+  "% of floor" column is the median over rounds;
 
 transformers runs every ``experts_implementation`` that suits a CPU (eager and
 grouped_mm; batched_mm is documented as unsuitable there) and the best is the peer.
@@ -140,22 +142,30 @@ class Transformers:
             self.model(ids, logits_to_keep=1)
 
 
-def measure(contenders: list, rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Each metric measured round-robin over the contenders (best of ``rounds``), so drift hits all alike."""
+def measure(contenders: list, floor_bytes, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Each metric measured round-robin over the contenders, so drift hits all alike.
+
+    tok/s is the best round. Each decode round is paired with a copy-bandwidth probe taken just
+    before it, and "% of floor" is the median over rounds of tok/s / (probed bandwidth / bytes per token),
+    because this machine's bandwidth moves during a run.
+    """
     out = {c.name: {} for c in contenders}
     ids = torch.tensor(prompts(1, PREFILL, 99))
-    metrics = {f"decode_b{b}": (lambda c, b=b: c.generate(b, NEW + 1), lambda c, b=b: c.generate(b, 1)) for b in (1, 8)}
     for c in contenders:  # warm-up
         c.generate(1, 2)
         c.prefill(ids)
-    for metric, (full, one) in metrics.items():
-        best_t = {c.name: [float("inf"), float("inf")] for c in contenders}
+    for batch in (1, 8):
+        metric, speeds, pcts = f"decode_b{batch}", {c.name: [] for c in contenders}, {c.name: [] for c in contenders}
         for _ in range(rounds):
+            floor = probe_copy_gbs() * 1e9 / floor_bytes(batch) * batch
             for c in contenders:
-                best_t[c.name][0] = min(best_t[c.name][0], _timed(lambda: full(c)))
-                best_t[c.name][1] = min(best_t[c.name][1], _timed(lambda: one(c)))
+                full = _timed(lambda: c.generate(batch, NEW + 1))
+                one = _timed(lambda: c.generate(batch, 1))
+                speeds[c.name].append(batch * NEW / (full - one))
+                pcts[c.name].append(100 * speeds[c.name][-1] / floor)
         for c in contenders:
-            out[c.name][metric] = int(metric[-1]) * NEW / (best_t[c.name][0] - best_t[c.name][1])
+            out[c.name][metric] = max(speeds[c.name])
+            out[c.name][metric + "_pct_floor"] = statistics.median(pcts[c.name])
     best_p = {c.name: float("inf") for c in contenders}
     for _ in range(rounds):
         for c in contenders:
@@ -194,12 +204,13 @@ def main() -> None:
             total, active = moekit.count_params(cfg)
             ours = Moekit(Path(tmp), dtype)
             peers = [Transformers(Path(tmp), dtype, impl) for impl in args.hf_impls.split(",")]
-            speeds = measure([ours, *peers])
+            speeds = measure([ours, *peers], lambda b: bytes_per_step(cfg, b, PROMPT + NEW // 2, elt))
             del ours.model, ours.engine
             for p in peers:
                 del p.model
         for who, row in speeds.items():
             print(f"[{name}] {who}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+        copies.append(probe_copy_gbs())
         rows = {}
         for metric in ("decode_b1", "decode_b8", "prefill"):
             mine = speeds[ours.name][metric]
@@ -208,8 +219,9 @@ def main() -> None:
             row = {"moekit": mine, "transformers": theirs, "transformers_impl": peer.impl, "ratio": mine / theirs}
             if metric.startswith("decode"):
                 batch = int(metric[-1])
-                floor = results["copy_gbs"] * 1e9 / bytes_per_step(cfg, batch, PROMPT + NEW // 2, elt) * batch
-                row.update(floor=floor, moekit_pct_floor=100 * mine / floor, transformers_pct_floor=100 * theirs / floor)
+                row.update(floor=results["copy_gbs"] * 1e9 / bytes_per_step(cfg, batch, PROMPT + NEW // 2, elt) * batch,
+                           moekit_pct_floor=speeds[ours.name][metric + "_pct_floor"],
+                           transformers_pct_floor=speeds[peer.name][metric + "_pct_floor"])
             rows[metric] = row
         results["shapes"][name] = {"params_total": total, "params_active": active, "moekit": ours.name,
                                    "metrics": rows, "all": speeds}
@@ -229,7 +241,7 @@ def markdown(r: dict) -> str:
     for shape, s in r["shapes"].items():
         label = f"{shape} ({s['params_total'] / 1e6:.0f}M, {s['params_active'] / 1e6:.0f}M active)"
         for metric, row in s["metrics"].items():
-            pct = (f"{row['moekit_pct_floor']:.0f}% of {row['floor']:.0f}", f"{row['transformers_pct_floor']:.0f}%") \
+            pct = (f"{row['moekit_pct_floor']:.0f}%", f"{row['transformers_pct_floor']:.0f}%") \
                 if "floor" in row else ("", "")
             lines.append(f"| {label} | {names[metric]} | {row['moekit']:.1f} | {row['transformers']:.1f} "
                          f"({row['transformers_impl']}) | {row['ratio']:.2f}x | {pct[0]} | {pct[1]} |")

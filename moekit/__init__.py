@@ -4,7 +4,9 @@ from moekit.config import ConfigError, ModelConfig, MoEConfig, RopeScaling, coun
 from moekit.models import MoEDecoder
 from moekit.presets import PRESETS, preset
 from moekit.weights import CheckpointError, load, save
+from moekit.tokenizer import Tokenizer
+from moekit.engine import CausalLM, Engine, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "CheckpointError", "ConfigError", "ModelConfig", "MoEConfig", "MoEDecoder", "RopeScaling",
-           "count_params", "load", "preset", "save"]
+__all__ = ["PRESETS", "CausalLM", "CheckpointError", "ConfigError", "Engine", "ModelConfig", "MoEConfig", "MoEDecoder",
+           "RopeScaling", "SamplingParams", "Tokenizer", "count_params", "load", "preset", "save"]

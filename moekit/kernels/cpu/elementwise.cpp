@@ -4,6 +4,9 @@
 
 namespace moekit {
 
+// Elements below which a kernel runs on the calling thread: waking the pool costs more than it saves.
+constexpr int64_t MIN_PARALLEL = 1 << 15;
+
 template <typename A>
 torch::Tensor rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   const int64_t T = x.size(0), D = x.size(1);
@@ -11,7 +14,7 @@ torch::Tensor rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, doub
   const A* X = (const A*)x.data_ptr();
   const A* W = (const A*)w.data_ptr();
   A* Y = (A*)y.data_ptr();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, T, std::max<int64_t>(1, MIN_PARALLEL / D), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const A* xr = X + t * D;
       A* yr = Y + t * D;
@@ -45,7 +48,7 @@ torch::Tensor silu_mul_impl(const torch::Tensor& h) {
   auto out = torch::empty({M, F}, h.options());
   const A* H = (const A*)h.data_ptr();
   A* O = (A*)out.data_ptr();
-  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, std::max<int64_t>(1, MIN_PARALLEL / F), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const A* g = H + m * 2 * F;
       const A* u = g + F;
@@ -73,7 +76,7 @@ torch::Tensor rotary_impl(const torch::Tensor& x, const torch::Tensor& cos, cons
   const A* C = (const A*)cos.data_ptr();
   const A* S = (const A*)sin.data_ptr();
   A* O = (A*)out.data_ptr();
-  at::parallel_for(0, B * N * T, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * N * T, std::max<int64_t>(1, MIN_PARALLEL / Dh), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (N * T), t = i % T;
       const A* xr = X + i * Dh;
