@@ -56,12 +56,16 @@ def extension():
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def _elementwise(*ts: torch.Tensor) -> bool:
+    """The C++ kernels apply: bf16/fp32 CPU tensors of one dtype, no autograd."""
+    x = ts[0]
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and all(t.dtype == x.dtype for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
 def _fast(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """The C++ path handles this call: few tokens, bf16/fp32 on the CPU, no autograd."""
-    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_TOKENS
-            and x.dtype in (torch.bfloat16, torch.float32)
-            and all(w.dtype == x.dtype for w in weights)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))))
+    """The streaming (few-token) kernels apply: ``_elementwise`` and at most MAX_TOKENS rows."""
+    return x.dim() == 2 and x.shape[0] <= MAX_TOKENS and _elementwise(x, *weights)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,13 +73,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if _fast(x2, w) and w.is_contiguous() and (b is None or b.dtype == x.dtype):
         return extension().linear(x2.contiguous(), w, b).view(*x.shape[:-1], w.shape[0])
     return reference.linear(x, w, b)
-
-
-def _elementwise(*ts: torch.Tensor) -> bool:
-    """The C++ elementwise kernels apply: bf16/fp32 CPU tensors of one dtype, no autograd."""
-    x = ts[0]
-    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and all(t.dtype == x.dtype for t in ts)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
 
 
 def silu_mul(h: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ class MoE(nn.Module):
         w_TK = r.weights_TK * self.scale if self.scale != 1.0 else r.weights_TK
         shared = None
         if self.shared is not None:
-            gate_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).view(-1)
+            gate_T = None if self.shared_gate is None else torch.sigmoid(
+                self.kernels.linear(x_TD, self.shared_gate.weight)).view(-1)
             shared = (self.shared.w13, self.shared.w2, gate_T)
         y_TD = self.kernels.moe_experts(x_TD, self.experts.w13, self.experts.w2, r.ids_TK, w_TK, shared)
         return y_TD.view(B, T, D)

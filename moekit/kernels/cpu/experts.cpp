@@ -43,8 +43,9 @@ template <typename A>
 struct Job {
   std::vector<int64_t> tok;
   std::vector<float> wt;
-  const A* w13;
-  const A* w2;
+  const A* w13;  // [2F, D]: gate rows, then up rows
+  const A* w2;   // [D, F]
+  int64_t F;     // this expert's (padded) width
   std::vector<A> x, act;
 };
 
@@ -52,7 +53,7 @@ struct Job {
 // Phase 1 (parallel over (expert, F-block)): activations. Phase 2 (parallel over (expert, D-block)):
 // down projections, then a combine in a fixed order, so results are deterministic.
 template <typename A>
-torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, int64_t F) {
+torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs) {
   const int64_t T = x.size(0), D = x.size(1);
   const A* X = (const A*)x.data_ptr();
   std::vector<int64_t> item_job, item_blk;
@@ -60,9 +61,9 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, in
     auto& job = jobs[j];
     const int64_t n = job.tok.size();
     job.x.resize(n * D);
-    job.act.resize(n * F);
+    job.act.resize(n * job.F);
     for (int64_t i = 0; i < n; ++i) std::memcpy(job.x.data() + i * D, X + job.tok[i] * D, D * sizeof(A));
-    for (int64_t blk = 0; blk < (F + BLOCK - 1) / BLOCK; ++blk) {
+    for (int64_t blk = 0; blk < (job.F + BLOCK - 1) / BLOCK; ++blk) {
       item_job.push_back(j);
       item_blk.push_back(blk);
     }
@@ -74,7 +75,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, in
     std::vector<uint32_t> pack;
     for (int64_t it = i0; it < i1; ++it) {
       auto& job = jobs[item_job[it]];
-      const int64_t n = job.tok.size(), f0 = item_blk[it] * BLOCK, f1 = std::min(F, f0 + BLOCK), nf = f1 - f0;
+      const int64_t F = job.F, n = job.tok.size(), f0 = item_blk[it] * BLOCK, f1 = std::min(F, f0 + BLOCK), nf = f1 - f0;
       g.assign(n * nf, 0.f);
       u.assign(n * nf, 0.f);
       matmul_rows<A>(job.w13 + f0 * D, 0, nf, job.x.data(), n, D, g.data(), nf, pack);
@@ -94,7 +95,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, in
     for (int64_t it = i0; it < i1; ++it) {
       auto& job = jobs[it / nblk];
       const int64_t d0 = (it % nblk) * BLOCK, d1 = std::min(D, d0 + BLOCK);
-      matmul_rows<A>(job.w2, d0, d1, job.act.data(), job.tok.size(), F, out[it / nblk].data(), D, pack);
+      matmul_rows<A>(job.w2, d0, d1, job.act.data(), job.tok.size(), job.F, out[it / nblk].data(), D, pack);
     }
   });
   // Combine in a fixed job order (deterministic), parallel over column blocks, each expert output
@@ -145,27 +146,21 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& w13, const t
         if (I[t * K + k] == e) {
           if (slot[e] < 0) {
             slot[e] = jobs.size();
-            jobs.push_back(Job<A>{{}, {}, (const A*)w13.data_ptr() + e * 2 * F * D, (const A*)w2.data_ptr() + e * D * F});
+            jobs.push_back(Job<A>{{}, {}, (const A*)w13.data_ptr() + e * 2 * F * D, (const A*)w2.data_ptr() + e * D * F, F});
           }
           jobs[slot[e]].tok.push_back(t);
           jobs[slot[e]].wt.push_back(Wt[t * K + k]);
         }
-  torch::Tensor y = experts_impl<A>(x, jobs, F);
-  if (!s13.defined()) return y;
-  // The shared expert (its own width) runs as one more job over every token, added in the same order.
-  std::vector<Job<A>> shared(1);
-  shared[0].w13 = (const A*)s13.data_ptr();
-  shared[0].w2 = (const A*)s2.data_ptr();
-  const float* sw = swts.defined() ? swts.data_ptr<float>() : nullptr;
-  for (int64_t t = 0; t < T; ++t) {
-    shared[0].tok.push_back(t);
-    shared[0].wt.push_back(sw ? sw[t] : 1.f);
+  if (s13.defined()) {  // the shared expert (its own width): one more job over every token, in the same pass
+    Job<A> shared{{}, {}, (const A*)s13.data_ptr(), (const A*)s2.data_ptr(), s2.size(1)};
+    const float* sw = swts.defined() ? swts.data_ptr<float>() : nullptr;
+    for (int64_t t = 0; t < T; ++t) {
+      shared.tok.push_back(t);
+      shared.wt.push_back(sw ? sw[t] : 1.f);
+    }
+    jobs.push_back(std::move(shared));
   }
-  torch::Tensor ys = experts_impl<A>(x, shared, s2.size(1));
-  A* Y = (A*)y.data_ptr();
-  const A* S = (const A*)ys.data_ptr();
-  for (int64_t i = 0; i < T * D; ++i) Y[i] = from_f<A>(to_f<A>(Y[i]) + to_f<A>(S[i]));
-  return y;
+  return experts_impl<A>(x, jobs);
 }
 
 // Top-k routing of float32 logits [T, E]: softmax (or sigmoid) scores, the k largest (ties to the
@@ -217,7 +212,8 @@ torch::Tensor mlp_impl(const torch::Tensor& x, const torch::Tensor& w13, const t
   }
   jobs[0].w13 = (const A*)w13.data_ptr();
   jobs[0].w2 = (const A*)w2.data_ptr();
-  return experts_impl<A>(x, jobs, w2.size(1));
+  jobs[0].F = w2.size(1);
+  return experts_impl<A>(x, jobs);
 }
 
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
