@@ -53,6 +53,34 @@ inline void pv_rows(const float* p, int64_t ldp, const float* vf, int64_t Dh, in
 
 #endif
 
+#if defined(__AVX512F__)
+// Mask one query row's KB scores of a key block starting at key j0 (nk of them real): keys the
+// mask hides (or, without a mask, keys after the query: causal, S - T keys of history) become
+// -inf. Returns the row's maximum over the block.
+template <int64_t KB>
+inline float mask_row(float* sr, const bool* M, int64_t b, int64_t t, int64_t T, int64_t S, int64_t j0, int64_t nk) {
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 vmax = ninf;
+  for (int64_t c = 0; c < KB / 16; ++c) {
+    const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32((int)(c * 16)));
+    __mmask16 ok = _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32((int)nk));
+    if (M) {
+      const bool* mrow = M + (b * T + t) * S + j0 + c * 16;
+      __mmask16 mm = 0;
+      for (int l = 0; l < 16 && c * 16 + l < nk; ++l) mm |= (__mmask16)(mrow[l] ? 1u << l : 0u);
+      ok &= mm;
+    } else {
+      ok &= _mm512_cmple_epi32_mask(j, _mm512_set1_epi32((int)(t + S - T - j0)));
+    }
+    const __m512 v = _mm512_mask_mov_ps(ninf, ok, _mm512_loadu_ps(sr + c * 16));
+    _mm512_storeu_ps(sr + c * 16, v);
+    vmax = _mm512_max_ps(vmax, v);
+  }
+  return _mm512_reduce_max_ps(vmax);
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 flash attention with vdpbf16ps: keys packed as pairs over the head width ([A/2][KB] words),
 // values as pairs over keys ([KB/2][A] words); scaled queries and softmax probabilities are rounded
@@ -100,7 +128,6 @@ void flash_attention_bf16(const bf16* Q, const bf16* Kp, const bf16* Vp, const b
         }
     }
   });
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> q((QB + 4) * D2, 0u), pp((QB + 4) * KP, 0u);
     std::vector<float> o((QB + 4) * Dh), s((QB + 4) * KB), mx(QB + 16), nmax(QB + 16), den(QB + 16), corr(QB + 16);
@@ -139,28 +166,8 @@ void flash_attention_bf16(const bf16* Q, const bf16* Kp, const bf16* Vp, const b
           for (int r = 0; r < 4; ++r)
             for (int c = 0; c < NC; ++c) _mm512_storeu_ps(&s[(r0 + r) * KB + c * 16], acc[r][c]);
         }
-        const __m512 ninf = _mm512_set1_ps(-INFINITY);
-        for (int64_t r = 0; r < nq; ++r) {  // mask; nmax[r] = running max including this block
-          const int64_t t = t0 + r;
-          float* sr = &s[r * KB];
-          __m512 vmaxb = ninf;
-          for (int c = 0; c < NC; ++c) {
-            const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32((int)(c * 16)));
-            __mmask16 ok = _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32((int)nk));
-            if (M) {
-              const bool* mrow = M + (b * T + t) * S + j0 + c * 16;
-              __mmask16 mm = 0;
-              for (int l = 0; l < 16 && c * 16 + l < nk; ++l) mm |= (__mmask16)(mrow[l] ? 1u << l : 0u);
-              ok &= mm;
-            } else {
-              ok &= _mm512_cmple_epi32_mask(j, _mm512_set1_epi32((int)(t + S - T - j0)));
-            }
-            const __m512 v = _mm512_mask_mov_ps(ninf, ok, _mm512_loadu_ps(sr + c * 16));
-            _mm512_storeu_ps(sr + c * 16, v);
-            vmaxb = _mm512_max_ps(vmaxb, v);
-          }
-          nmax[r] = std::max(mx[r], _mm512_reduce_max_ps(vmaxb));
-        }
+        for (int64_t r = 0; r < nq; ++r)  // mask; nmax[r] = running max including this block
+          nmax[r] = std::max(mx[r], mask_row<KB>(&s[r * KB], M, b, t0 + r, T, S, j0, nk));
         for (int64_t r = 0; r < nq; r += 16) {  // rescale factors of 16 rows at once (exp(-inf) -> ~0)
           const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(&mx[r]), _mm512_loadu_ps(&nmax[r]));
           _mm512_storeu_ps(&corr[r], exp512(_mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q),
@@ -229,7 +236,6 @@ void flash_attention(const A* Q, const A* Kp, const A* Vp, const bool* M, A* O, 
         }
     }
   });
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> q((QB + 4) * Dh, 0.f), o(QB * Dh), s((QB + 4) * KB), mx(QB), den(QB), corr(QB);
     for (int64_t it = i0; it < i1; ++it) {
@@ -247,27 +253,9 @@ void flash_attention(const A* Q, const A* Kp, const A* Vp, const bool* M, A* O, 
         const float* vfb = vf.data() + ((b * G + g) * nkb + j0 / KB) * KB * Dh;
         for (int64_t r0 = 0; r0 < nq; r0 += 4)  // scores, 4 query rows x KB keys in 16 registers
           qk_tile<NC>(&q[r0 * Dh], Dh, ktb, &s[r0 * KB]);
-        const __m512 ninf = _mm512_set1_ps(-INFINITY);
         for (int64_t r = 0; r < nq; ++r) {  // mask, online softmax
-          const int64_t t = t0 + r;
           float* sr = &s[r * KB];
-          __m512 vmaxb = ninf;
-          for (int c = 0; c < NC; ++c) {
-            const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32((int)(c * 16)));
-            __mmask16 ok = _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32((int)nk));
-            if (M) {
-              const bool* mrow = M + (b * T + t) * S + j0 + c * 16;
-              __mmask16 mm = 0;
-              for (int l = 0; l < 16 && c * 16 + l < nk; ++l) mm |= (__mmask16)(mrow[l] ? 1u << l : 0u);
-              ok &= mm;
-            } else {
-              ok &= _mm512_cmple_epi32_mask(j, _mm512_set1_epi32((int)(t + S - T - j0)));
-            }
-            __m512 v = _mm512_mask_mov_ps(ninf, ok, _mm512_loadu_ps(sr + c * 16));
-            _mm512_storeu_ps(sr + c * 16, v);
-            vmaxb = _mm512_max_ps(vmaxb, v);
-          }
-          const float nmax = std::max(mx[r], _mm512_reduce_max_ps(vmaxb));
+          const float nmax = std::max(mx[r], mask_row<KB>(sr, M, b, t0 + r, T, S, j0, nk));
           if (nmax == -INFINITY) {  // nothing visible yet
             corr[r] = 1.f;
             std::fill(sr, sr + KB, 0.f);
