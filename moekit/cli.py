@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -144,6 +145,41 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from moekit.train import load_config, train
+
+    overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected key=value (dotted keys for nested fields)")
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    if not Path(args.config).is_file():
+        raise UsageError(f"{args.config!r}: no such run file")
+    rec = train(load_config(args.config, overrides), resume=args.resume)
+    if rec:
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("load", "imbalance")}))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from moekit.train.plot import plot_log
+
+    logs = {}
+    for item in args.logs:
+        label, sep, path = item.partition("=")
+        logs[label if sep else Path(item).parent.name or "run"] = path if sep else item
+    for p in logs.values():
+        if not Path(p).is_file():
+            raise UsageError(f"{p!r}: no such log file")
+    print(plot_log(logs, args.out, args.title))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
     _model_flags(chat)
     chat.set_defaults(func=cmd_chat)
+    tr = sub.add_parser("train", help="pretrain, continue pretraining or fine-tune from a YAML run file")
+    tr.add_argument("config", help="run file (see recipes/)")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run-file field, e.g. --set steps=200 --set optim.lr=1e-3")
+    tr.set_defaults(func=cmd_train)
+    pl = sub.add_parser("plot", help="loss and expert-load curves of training logs (PNG)")
+    pl.add_argument("logs", nargs="+", help="log.jsonl files, optionally label=path")
+    pl.add_argument("-o", "--out", default="training.png", help="output PNG")
+    pl.add_argument("--title", default="")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -56,6 +56,9 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # weight of the router z-loss (mean logsumexp^2)
     noise_eps: float = 0.01  # LLaMA-MoE noisy gate: std = softplus(W_noise x) + noise_eps (training only)
     jitter: float = 0.0  # multiply router input by U(1-j, 1+j) in training (Mixtral router_jitter_noise)
+    bias_balance: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias used for selection only
+    bias_update_rate: float = 1e-3  # bias step per optimizer step: +rate if an expert is under-loaded, -rate if over
+    capacity_factor: float | None = None  # training only: keep at most cf * tokens * k / E slots per expert; None = dropless
 
     def width(self, layer: int, expert: int) -> int:
         """Width of ``expert`` in ``layer``."""
@@ -168,6 +171,9 @@ def validate(cfg: ModelConfig) -> None:
                f"a per-layer list needs {cfg.num_layers} entries")
     _check(m.aux_loss in ("switch", "cv2", "none"), "aux_loss", m.aux_loss, "must be 'switch', 'cv2' or 'none'")
     _check(0 <= m.jitter < 1, "jitter", m.jitter, "must be in [0, 1)")
+    _check(m.bias_update_rate >= 0, "bias_update_rate", m.bias_update_rate, "must be >= 0")
+    _check(m.capacity_factor is None or m.capacity_factor > 0, "capacity_factor", m.capacity_factor,
+           "must be positive (or None for dropless routing)")
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:

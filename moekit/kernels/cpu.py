@@ -104,13 +104,14 @@ def moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def route(logits_TE, k, score_func="softmax", renormalize=True, eps=0.0):
+def route(logits_TE, k, score_func="softmax", renormalize=True, eps=0.0, bias_E=None):
     if logits_TE.device.type == "cpu" and logits_TE.dim() == 2 and not (torch.is_grad_enabled()
                                                                         and logits_TE.requires_grad):
+        bias = None if bias_E is None else bias_E.float().contiguous()
         weights, ids = extension().route(logits_TE.float().contiguous(), k, score_func == "softmax", renormalize,
-                                         eps, 1.0)
+                                         eps, 1.0, bias)
         return weights, ids
-    return reference.route(logits_TE, k, score_func, renormalize, eps)
+    return reference.route(logits_TE, k, score_func, renormalize, eps, bias_E)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

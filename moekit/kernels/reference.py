@@ -16,20 +16,35 @@ def silu_mul(h_TF2: torch.Tensor) -> torch.Tensor:
 
 
 def route(logits_TE: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
-          eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+          eps: float = 0.0, bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing: (weights_TK float32, ids_TK). Ties go to the lower expert index.
 
     softmax: probabilities over all E experts, keep the k largest, optionally divide
     them by their sum (+eps). That equals softmax over the k largest logits when
     eps is 0 (LLaMA-MoE's form). sigmoid: independent scores, same selection.
+    bias_E (DeepSeek-V3 balancing) shifts the scores for the selection only; the
+    weights are the unshifted scores of the chosen experts.
     """
     logits32 = logits_TE.float()
     scores = logits32.softmax(-1) if score_func == "softmax" else logits32.sigmoid()
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    pick = scores if bias_E is None else scores + bias_E.float()
+    order = torch.sort(pick, dim=-1, descending=True, stable=True).indices[:, :k]
     weights = scores.gather(-1, order)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + eps)
     return weights, order
+
+
+def capacity_drop(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                  capacity: int) -> tuple[torch.Tensor, int]:
+    """Capacity-factor routing: each expert keeps its first ``capacity`` slots in token order
+    (first choices before second choices); the rest get weight 0. Returns (weights, dropped)."""
+    T, K = ids_TK.shape
+    flat = ids_TK.t().reshape(-1)  # slot order: every token's 1st choice, then every 2nd choice, ...
+    onehot = torch.nn.functional.one_hot(flat, num_experts)
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # rank of this slot within its expert
+    keep = (position < capacity).reshape(K, T).t()
+    return weights_TK * keep, int((~keep).sum())
 
 
 def moe_experts(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, ids_TK: torch.Tensor,

@@ -14,6 +14,7 @@ from torch import nn
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.kernels import get_backend
+from moekit.kernels.reference import capacity_drop
 from moekit.models.layers import MLP
 
 
@@ -26,6 +27,7 @@ class Routing:
     weights_TK: torch.Tensor  # float32 combine weights (before the layer's routed_scale)
     clean_logits_TE: torch.Tensor | None = None  # logits without training noise (noisy gates only)
     noise_std_TE: torch.Tensor | None = None  # per-logit noise std (noisy gates only)
+    dropped: int = 0  # (token, expert) slots over capacity, dropped (capacity-factor routing only)
 
 
 class Router(nn.Module):
@@ -37,17 +39,25 @@ class Router(nn.Module):
         self.proj = nn.Linear(dim, m.num_experts, bias=False)
         self.proj2 = nn.Linear(m.num_experts, m.num_experts, bias=False) if m.router == "mlp" else None
         self.noise = nn.Linear(dim, m.num_experts, bias=False) if m.router_noise else None
+        if m.bias_balance:  # selection-only expert bias, updated by the trainer (not by gradients)
+            self.register_buffer("bias", torch.zeros(m.num_experts))
+        else:
+            self.bias = None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] (float32 when ``router_fp32``)."""
-        if self.m.router_fp32:
-            x_TD = x_TD.float()
+        if not self.m.router_fp32:
+            return self._logits(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):  # float32 even under bf16 autocast
+            return self._logits(x_TD.float())
+
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.proj.weight.dtype == x_TD.dtype:
             h_TE = self.kernels.linear(x_TD, self.proj.weight)
         else:
             h_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
         if self.proj2 is not None:
-            h_TE = F.linear(torch.tanh(h_TE), self.proj2.weight.to(x_TD.dtype))
+            h_TE = F.linear(torch.tanh(h_TE), self.proj2.weight.to(h_TE.dtype))
         return h_TE
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
@@ -60,7 +70,7 @@ class Router(nn.Module):
             clean = logits
             std = F.softplus(F.linear(x_TD.to(logits.dtype), self.noise.weight.to(logits.dtype))) + m.noise_eps
             logits = clean + torch.randn_like(clean) * std
-        weights, ids = self.kernels.route(logits, m.top_k, m.score_func, m.renormalize, m.renormalize_eps)
+        weights, ids = self.kernels.route(logits, m.top_k, m.score_func, m.renormalize, m.renormalize_eps, self.bias)
         return Routing(logits.float(), ids, weights, clean, std)
 
 
@@ -118,9 +128,15 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         r = self.router(x_TD)
+        w_TK = r.weights_TK
+        m = self.router.m
+        if self.training and m.capacity_factor is not None:
+            capacity = max(1, int(m.capacity_factor * B * T * m.top_k / m.num_experts))
+            w_TK, r.dropped = capacity_drop(r.ids_TK, w_TK, m.num_experts, capacity)
         if routing is not None:
             routing.append(r)
-        w_TK = r.weights_TK * self.scale if self.scale != 1.0 else r.weights_TK
+        if self.scale != 1.0:
+            w_TK = w_TK * self.scale
         shared = None
         if self.shared is not None:
             gate_T = None if self.shared_gate is None else torch.sigmoid(

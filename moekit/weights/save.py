@@ -59,6 +59,11 @@ def save(model: MoEDecoder, path: str | Path, format: str = "hf", family: str | 
         raise ValueError("the model has no family; pass family=... (e.g. 'mixtral', 'xverse')")
     fam = get_family(family)
     hf_cfg = fam.to_hf(cfg)  # raises ConfigError when the layout cannot express the model
+    biased = [name for name, buf in model.named_buffers() if name.endswith("router.bias") and bool(buf.any())]
+    if biased:
+        raise ValueError(f"the {family} layout has no place for the routers' balancing biases ({biased[0]}, ...), "
+                         "which change which experts are chosen; keep the training checkpoint, or train with "
+                         "bias_balance off for this layout")
     dtype = as_dtype(dtype) or model.embed.weight.dtype
     hf_cfg["torch_dtype"] = DTYPE_NAMES[dtype]
     tensors = hf_tensors(model, family)

@@ -20,7 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe", &moekit::moe, "routed SwiGLU experts (plus an optional shared expert) for a few tokens", py::arg("x"),
         py::arg("w13"), py::arg("w2"), py::arg("ids"), py::arg("weights"), py::arg("shared_w13") = py::none(),
         py::arg("shared_w2") = py::none(), py::arg("shared_weights") = py::none());
-  m.def("route", &moekit::route, "top-k routing of float32 logits");
+  m.def("route", &moekit::route, "top-k routing of float32 logits", py::arg("logits"), py::arg("k"), py::arg("softmax"),
+        py::arg("renorm"), py::arg("eps"), py::arg("scale"), py::arg("bias") = py::none());
   m.def("rms_norm", &moekit::rms_norm, "RMSNorm");
   m.def("silu_mul", &moekit::silu_mul, "silu(gate) * up over [gate | up] rows");
   m.def("rotary", &moekit::rotary, "rotate-half RoPE");

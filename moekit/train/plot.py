@@ -1,0 +1,52 @@
+"""Loss and expert-load curves from a training log (log.jsonl) as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_log(logs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:
+    """One PNG: training/held-out loss, mean expert imbalance, and the last step's per-layer expert load.
+
+    ``logs`` maps a label to a log.jsonl, so runs (say, balance loss on vs off) can be compared.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {label: read_log(p) for label, p in logs.items()}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for label, recs in runs.items():
+        steps = [r["step"] for r in recs]
+        line, = axes[0].plot(steps, [r["loss"] for r in recs], lw=1, label=f"{label} train")
+        ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+        if ev:
+            axes[0].plot(*zip(*ev), "o--", color=line.get_color(), label=f"{label} held-out")
+        imb = [(r["step"], sum(r["imbalance"]) / len(r["imbalance"])) for r in recs if r.get("imbalance")]
+        if imb:
+            axes[1].plot(*zip(*imb), lw=1, label=label)
+    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    axes[1].set(xlabel="step", ylabel="max load / mean load", title="expert imbalance (mean over layers)")
+    axes[1].axhline(1.0, color="grey", lw=0.5)
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+    label, recs = next(iter(runs.items()))
+    last = next((r for r in reversed(recs) if r.get("load")), None)
+    if last:
+        im = axes[2].imshow(last["load"], aspect="auto", cmap="viridis")
+        axes[2].set(xlabel="expert", ylabel="layer", title=f"{label}: expert load at step {last['step']}")
+        fig.colorbar(im, ax=axes[2], label="fraction of routed slots")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
