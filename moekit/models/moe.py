@@ -123,8 +123,9 @@ class MoE(nn.Module):
         self.experts = Experts(d, [m.width(layer, e) for e in range(m.num_experts)])
         self.shared = MLP(d, m.shared_width, kernels) if m.shared_width else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if m.shared_gate else None
+        self.sink: list | None = None  # set by MoEDecoder.record_routing: where this layer's Routing goes
 
-    def forward(self, x_BTD: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         r = self.router(x_TD)
@@ -133,8 +134,8 @@ class MoE(nn.Module):
         if self.training and m.capacity_factor is not None:
             capacity = max(1, int(m.capacity_factor * B * T * m.top_k / m.num_experts))
             w_TK, r.dropped = capacity_drop(r.ids_TK, w_TK, m.num_experts, capacity)
-        if routing is not None:
-            routing.append(r)
+        if self.sink is not None:
+            self.sink.append(r)
         if self.scale != 1.0:
             w_TK = w_TK * self.scale
         shared = None

@@ -5,6 +5,9 @@ Shape legend: B batch, T tokens, D model width, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -26,12 +29,9 @@ class Block(nn.Module):
         self.ffn = (MoE(cfg, layer, kernels) if cfg.is_moe_layer(layer)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, kernels))
 
-    def forward(self, x_BTD, cos, sin, cache=None, routing=None):
+    def forward(self, x_BTD, cos, sin, cache=None):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, self.layer)
-        h_BTD = self.ffn_norm(x_BTD)
-        if isinstance(self.ffn, MoE):
-            return x_BTD + self.ffn(h_BTD, routing)
-        return x_BTD + self.ffn(h_BTD)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
 
 class MoEDecoder(nn.Module):
@@ -52,13 +52,12 @@ class MoEDecoder(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None, cache=None,
-                routing: list | None = None, last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with ``last_only``).
 
         positions_BT: RoPE positions (default 0..T-1, or continuing ``cache``).
         cache: a :class:`~moekit.engine.kv_cache.KVCache` that this call appends to; None runs
             plain causal attention over ``input_ids_BT`` alone.
-        routing: if a list, each MoE layer appends its :class:`~moekit.models.moe.Routing`.
         """
         B, T = input_ids_BT.shape
         if positions_BT is None:
@@ -71,12 +70,30 @@ class MoEDecoder(nn.Module):
         x_BTD = self.embed(input_ids_BT)
         cos, sin = self.rotary(positions_BT, x_BTD.dtype)
         for block in self.layers:
-            x_BTD = block(x_BTD, cos, sin, cache, routing)
+            x_BTD = block(x_BTD, cos, sin, cache)
         if cache is not None:
             cache.commit(T)
         if last_only:
             x_BTD = x_BTD[:, -1:]
         return self.kernels.linear(self.norm(x_BTD), self.output_weight)
+
+    @contextmanager
+    def record_routing(self) -> Iterator[list]:
+        """``with model.record_routing() as routing: model(x)``: each MoE layer appends its
+        :class:`~moekit.models.moe.Routing` (router logits for the balance losses, choices, drops).
+
+        The list reaches the layers as an attribute, not a forward argument, so wrappers that
+        rebuild forward arguments (FSDP2) cannot detach it.
+        """
+        routing: list = []
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        for m in moes:
+            m.sink = routing
+        try:
+            yield routing
+        finally:
+            for m in moes:
+                m.sink = None
 
     def named_views(self) -> dict[str, torch.Tensor]:
         """Every checkpoint-level tensor of the model, by moekit's canonical name.

@@ -29,7 +29,7 @@ class OptimConfig:
 
 
 def lr_at(step: int, total: int, c: OptimConfig) -> float:
-    """Learning rate for 0-based ``step`` of ``total``."""
+    """Learning rate for 0-based ``step`` of ``total`` (wsd's last step runs at min_lr)."""
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup
     if c.schedule == "constant":
@@ -37,10 +37,10 @@ def lr_at(step: int, total: int, c: OptimConfig) -> float:
     if c.schedule == "cosine":
         t = (step - c.warmup) / max(1, total - c.warmup)
         return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-    decay_from = total - int(c.decay * total)  # wsd: stable, then linear decay to min_lr
+    decay_from = total - max(1, round(c.decay * total))  # wsd: stable, then linear decay reaching min_lr
     if step < decay_from:
         return c.lr
-    t = (step - decay_from) / max(1, total - decay_from)
+    t = (step + 1 - decay_from) / (total - decay_from)
     return c.lr + (c.min_lr - c.lr) * min(1.0, t)
 
 

@@ -55,6 +55,7 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         self.step = 0
         self._stop = False
+        self.on_gradients = None  # optional callback(trainer) after gradients are averaged, before clipping
 
     # ----------------------------------------------------------------------------- helpers
     def _barrier(self) -> None:
@@ -89,19 +90,18 @@ class Trainer:
         for i in range(cfg.grad_accum):
             rows = slice(i * micro, (i + 1) * micro)
             xs, ms = x[rows], (m[rows] if m is not None else None)
-            routing: list = []
             if cfg.parallel.fsdp and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
-            with self._autocast():
-                logits = self.model(xs[:, :-1], routing=routing)
+            with self._autocast(), self.model.record_routing() as routing:
+                logits = self.model(xs[:, :-1])
             loss_sum, _ = lm_loss(logits, xs[:, 1:], None if ms is None else ms[:, 1:])
             total = loss_sum / counted * self.world
             if self.moe is not None and routing:
                 extra = router_losses(routing, self.moe, red)
                 for name, v in extra.items():
                     total = total + v * self.world / cfg.grad_accum
-                aux_sum += float(extra.get("aux_loss", 0.0)) / cfg.grad_accum
-                z_sum += float(extra.get("z_loss", 0.0)) / cfg.grad_accum
+                aux_sum += float(extra.get("aux_loss", torch.zeros(())).detach()) / cfg.grad_accum
+                z_sum += float(extra.get("z_loss", torch.zeros(())).detach()) / cfg.grad_accum
                 layer_load = expert_load(routing, self.moe.num_experts)
                 load = layer_load if load is None else load + layer_load
                 dropped += sum(r.dropped for r in routing)
@@ -109,6 +109,8 @@ class Trainer:
             lm_sum += float(loss_sum.detach())
         if self.d:
             sync_gradients(self.model, self.d, cfg.parallel)
+        if self.on_gradients is not None:
+            self.on_gradients(self)
         gnorm = self._clip()
         lr = lr_at(self.step, cfg.steps, cfg.optim)
         for g in self.opt.param_groups:
