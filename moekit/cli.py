@@ -180,6 +180,20 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(plot_log(logs, args.out, args.title))
 
 
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from moekit.upcycle import to_markdown, upcycle_checkpoint
+
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model!r}: no such checkpoint folder")
+    rep = upcycle_checkpoint(args.model, args.out, calibration=args.calibration, tokenizer=args.tokenizer,
+                             seq_len=args.seq_len, max_windows=args.windows, method=args.method,
+                             experts=args.experts, top_k=args.top_k, shared=args.shared, gate=args.gate,
+                             gate_init=args.gate_init, scale=args.scale, noise=args.noise, layout=args.layout,
+                             seed=args.seed)
+    print(to_markdown(rep), end="")
+    print(f"wrote {rep['output']} (report: upcycle_report.md, upcycle_report.json)", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", default="training.png", help="output PNG")
     pl.add_argument("--title", default="")
     pl.set_defaults(func=cmd_plot)
+    up = sub.add_parser("upcycle", help="turn a dense LLaMA-style checkpoint into experts (LLaMA-MoE, sparse upcycling)")
+    up.add_argument("--model", required=True, help="dense checkpoint folder (LlamaForCausalLM layout)")
+    up.add_argument("--out", required=True, help="output checkpoint folder")
+    up.add_argument("--method", required=True, choices=["random", "cluster", "importance", "copy"],
+                    help="neuron split (random, balanced k-means, gradient importance) or full copies")
+    up.add_argument("--experts", type=int, required=True, help="routed experts per layer")
+    up.add_argument("--top-k", type=int, required=True, help="routed experts per token")
+    up.add_argument("--shared", type=int, default=0, help="always-on shared experts (most important neurons)")
+    up.add_argument("--gate", default="mlp", choices=["mlp", "linear"], help="LLaMA-MoE MLP gate or a linear router")
+    up.add_argument("--gate-init", default="random", choices=["zero", "random", "centroids"])
+    up.add_argument("--scale", type=float, help="routed output scale (default E/k for splits, 1 for copies)")
+    up.add_argument("--noise", type=float, default=0.0, help="copy: relative std of noise added to each copy")
+    up.add_argument("--layout", default="auto", choices=["auto", "llama_moe", "mixtral", "deepseek", "xverse"],
+                    help="checkpoint family (auto: llama_moe, deepseek with shared experts)")
+    up.add_argument("--calibration", help="text file: importance scores and the before/after loss report")
+    up.add_argument("--tokenizer", help="tokenizer folder (default: the dense checkpoint's)")
+    up.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    up.add_argument("--windows", type=int, default=64, help="calibration windows at most")
+    up.add_argument("--seed", type=int, default=0)
+    up.set_defaults(func=cmd_upcycle)
     return p
 
 

@@ -1,0 +1,113 @@
+"""Calibration text: token windows, language-model loss, and per-neuron importance of a dense model.
+
+Shape legend: W windows, T tokens per window, D model width, F dense FFN width, G text groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from moekit.kernels.reference import silu_mul
+from moekit.models import MoEDecoder
+from moekit.models.layers import MLP
+
+
+def calibration_windows(text_path: str | Path, tokenizer_dir: str | Path, seq_len: int = 256,
+                        max_windows: int = 64) -> torch.Tensor:
+    """Token windows [W, seq_len + 1] cut from a text file (consecutive, non-overlapping)."""
+    from moekit.tokenizer import Tokenizer
+
+    path = Path(text_path)
+    if not path.is_file():
+        raise ValueError(f"calibration={str(path)!r}: no such text file")
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    ids = tok.encode(path.read_text(encoding="utf-8", errors="replace"))
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    if n < 1:
+        raise ValueError(f"calibration={str(path)!r}: {len(ids)} tokens cannot fill one window of {seq_len + 1}")
+    return torch.tensor(ids[: n * seq_len + 1]).unfold(0, seq_len + 1, seq_len)[:n].clone()
+
+
+@torch.no_grad()
+def lm_loss(model: MoEDecoder, windows_WT: torch.Tensor, batch: int = 4, progress: bool = False,
+            desc: str = "loss") -> float:
+    """Mean next-token cross-entropy (nats) over every window, in eval mode."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(windows_WT), batch), desc=desc, unit="batch", disable=not progress):
+        x = windows_WT[i:i + batch]
+        logits = model(x[:, :-1])
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x[:, 1:].numel()
+    model.train(was)
+    return total / count
+
+
+class _Probe(nn.Module):
+    """Stands in for a dense FFN and keeps its intermediate activations a = silu(gate x) * up x."""
+
+    def __init__(self, mlp: MLP):
+        super().__init__()
+        self.mlp, self.act_BTF = mlp, None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        a = silu_mul(F.linear(x_BTD, self.mlp.w13))
+        self.act_BTF = a
+        return F.linear(a, self.mlp.w2)
+
+
+def neuron_importance(dense: MoEDecoder, windows_WT: torch.Tensor, progress: bool = False
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(per layer [W, F] importance, [W, D] window features) of a dense model on calibration windows.
+
+    Importance of neuron j on a window is LLaMA-MoE's "feature_change" score with the l1
+    kernel: sum over the window's tokens of |a_j * dL/da_j|, the first-order change of the
+    loss if the neuron were removed. A window's feature is the mean of its final hidden
+    states (after the last norm), used to group the text.
+    """
+    probes = []
+    for block in dense.layers:
+        if not isinstance(block.ffn, MLP):
+            raise ValueError("importance needs a dense model (every layer a plain FFN)")
+        probes.append(_Probe(block.ffn))
+        block.ffn = probes[-1]
+    was = dense.training
+    dense.eval()
+    scores: list[list[torch.Tensor]] = [[] for _ in probes]
+    feats = []
+    try:
+        with torch.enable_grad():
+            for x in tqdm(windows_WT, desc="neuron importance", unit="window", disable=not progress):
+                s_L, f_D = _window_scores(dense, probes, x[None])
+                for i, s in enumerate(s_L):
+                    scores[i].append(s)
+                feats.append(f_D)
+    finally:
+        for block, p in zip(dense.layers, probes):
+            block.ffn = p.mlp
+        dense.train(was)
+    return [torch.stack(s) for s in scores], torch.stack(feats)
+
+
+def _window_scores(dense: MoEDecoder, probes: list[_Probe], x_BT: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    h = dense.embed(x_BT[:, :-1])
+    if not h.requires_grad:  # frozen weights: the graph still needs an input that requires grad
+        h.requires_grad_()
+    cos, sin = dense.rotary(torch.arange(x_BT.shape[1] - 1)[None], h.dtype)
+    for block in dense.layers:
+        h = block(h, cos, sin)
+    h = dense.norm(h)
+    logits = F.linear(h, dense.output_weight)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), x_BT[:, 1:].reshape(-1))
+    grads = torch.autograd.grad(loss, [p.act_BTF for p in probes])
+    out = [(p.act_BTF.detach() * g).abs().sum((0, 1)).double() for p, g in zip(probes, grads)]
+    for p in probes:
+        p.act_BTF = None
+    return out, h.detach().mean((0, 1)).double()
