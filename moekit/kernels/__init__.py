@@ -7,8 +7,10 @@ model is built (``MoEDecoder(cfg, kernels=...)``), never per call:
 
 - ``reference``: plain PyTorch, the numerical spec and the training path;
 - ``cpu``: C++ AVX-512 kernels for decode-sized batches (``moekit/kernels/cpu.py``);
-- ``auto``: ``cpu`` where the machine supports it and the model is large enough
-  to benefit (>= 50M parameters), else ``reference``.
+- ``triton``: Triton GPU kernels: fused MoE, routing, norms, RoPE (``moekit/kernels/triton/``);
+- ``auto``: ``triton`` for a model whose weights live on a CUDA device (when triton
+  imports); otherwise ``cpu`` where the machine supports it and the model is large
+  enough to benefit (>= 50M parameters), else ``reference``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import warnings
 from types import SimpleNamespace
 
+import torch
+
 from moekit.kernels import reference
 
-NAMES = ("reference", "cpu", "auto")
+NAMES = ("reference", "cpu", "triton", "auto")
 AUTO_MIN_PARAMS = 50_000_000
 
 
@@ -28,10 +32,24 @@ def _namespace(name: str, module) -> SimpleNamespace:
                            route=module.route)
 
 
-def get_backend(name: str = "reference", params: int | None = None) -> SimpleNamespace:
-    """The kernel functions of backend ``name`` (``params``: model size, used by ``auto``)."""
+def _triton(name: str) -> SimpleNamespace:
+    try:
+        from moekit.kernels import triton as kernels
+    except ImportError as e:
+        if name == "triton":
+            raise ValueError(f"kernel backend 'triton' needs the triton package ({e})") from None
+        warnings.warn(f"moekit: Triton kernels unavailable ({e}); using the reference path", stacklevel=3)
+        return _namespace("reference", reference)
+    return _namespace("triton", kernels)
+
+
+def get_backend(name: str = "reference", params: int | None = None, device=None) -> SimpleNamespace:
+    """The kernel functions of backend ``name`` (``params``: model size; ``device``: where the
+    weights live; both used by ``auto``)."""
     if name not in NAMES:
         raise ValueError(f"unknown kernel backend {name!r}; available: {', '.join(NAMES)}")
+    if name == "triton" or (name == "auto" and device is not None and torch.device(device).type == "cuda"):
+        return _triton(name)
     if name == "reference" or (name == "auto" and (params or 0) < AUTO_MIN_PARAMS):
         return _namespace("reference", reference)
     from moekit.kernels import cpu

@@ -52,7 +52,7 @@ def materialize(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
                 kernels: str = "reference") -> MoEDecoder:
     """An uninitialised model allocated once in ``dtype`` on ``device`` (expert padding zeroed)."""
     with torch.device("meta"):
-        model = MoEDecoder(cfg, kernels=kernels)
+        model = MoEDecoder(cfg, kernels=kernels, device=device)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.reset_buffers()
     for module in model.modules():
