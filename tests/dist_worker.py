@@ -11,6 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from moekit.train.parallel import shutdown_distributed
+
 
 def full(t):
     from torch.distributed.tensor import DTensor
@@ -57,7 +59,8 @@ def main(runs_file: str, result_file: str) -> None:
         dist.barrier()
     if dist.get_rank() == 0:
         torch.save(results, result_file)
-    dist.destroy_process_group()
+    del results
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

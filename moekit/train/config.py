@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16: autocast with float32 master weights | fp32
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     seed: int = 0
+    device: str = "auto"  # auto (the process's GPU when there is one, else cpu) | cpu | cuda
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 1  # steps between log lines (JSONL gets every step)
     eval_every: int = 100  # steps between held-out evaluations (0 = never)
@@ -81,6 +82,8 @@ class TrainConfig:
             self.optim = OptimConfig(**self.optim)
         if isinstance(self.parallel, dict):
             self.parallel = ParallelConfig(**self.parallel)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be auto, cpu or cuda")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision={self.precision!r} must be bf16 or fp32")
         for name in ("steps", "batch_size", "grad_accum"):

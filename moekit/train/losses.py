@@ -28,7 +28,7 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.T
     loss = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1),
                            reduction="none")
     if mask_BT is None:
-        return loss.sum(), torch.tensor(loss.numel())
+        return loss.sum(), torch.tensor(loss.numel(), device=loss.device)
     m = mask_BT.reshape(-1).to(loss.dtype)
     return (loss * m).sum(), m.sum()
 
@@ -44,7 +44,7 @@ def switch_loss(routing: list[Routing], num_experts: int, red=_same) -> torch.Te
     """
     logits_NE = torch.cat([r.logits_TE for r in routing]).float()
     ids_NK = torch.cat([r.ids_TK for r in routing])
-    n = red(torch.tensor(float(ids_NK.shape[0])))
+    n = red(torch.tensor(float(ids_NK.shape[0]), device=logits_NE.device))
     f_KE = red(F.one_hot(ids_NK, num_experts).float().sum(0)) / n
     p_E = red(logits_NE.softmax(-1).sum(0)) / n
     return num_experts * (f_KE * p_E[None]).sum()
@@ -69,9 +69,9 @@ def smooth_load(r: Routing, k: int) -> torch.Tensor:
 
 def cv2_loss(routing: list[Routing], num_experts: int, k: int, red=_same) -> torch.Tensor:
     """LLaMA-MoE balance loss, summed over layers."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=routing[0].logits_TE.device)
     for r in routing:
-        importance = torch.zeros(num_experts).scatter_add(0, r.ids_TK.reshape(-1), r.weights_TK.reshape(-1).float())
+        importance = torch.zeros(num_experts, device=total.device).scatter_add(0, r.ids_TK.reshape(-1), r.weights_TK.reshape(-1).float())
         if r.clean_logits_TE is not None and k < num_experts:
             load = smooth_load(r, k)
         else:
@@ -83,7 +83,8 @@ def cv2_loss(routing: list[Routing], num_experts: int, k: int, red=_same) -> tor
 def z_loss(routing: list[Routing], red=_same) -> torch.Tensor:
     """ST-MoE router z-loss: mean of logsumexp(logits)^2 over every routed token of every layer."""
     logits_NE = torch.cat([r.logits_TE for r in routing]).float()
-    return red(torch.logsumexp(logits_NE, dim=-1).pow(2).sum()) / red(torch.tensor(float(logits_NE.shape[0])))
+    n = torch.tensor(float(logits_NE.shape[0]), device=logits_NE.device)
+    return red(torch.logsumexp(logits_NE, dim=-1).pow(2).sum()) / red(n)
 
 
 def router_losses(routing: list[Routing], m: MoEConfig, red=_same) -> dict[str, torch.Tensor]:

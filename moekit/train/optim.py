@@ -19,6 +19,7 @@ class OptimConfig:
     warmup: int = 100  # linear warm-up steps
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay) | constant
     decay: float = 0.2  # wsd: fraction of the run spent decaying
+    fused: bool | None = None  # fused AdamW kernel; None: when no parameter is sharded (DTensor)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -50,4 +51,13 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
         if p.requires_grad:
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, foreach=False)
+    # the fused kernel (CPU and CUDA) is one pass over each tensor instead of a dozen elementwise ops;
+    # it cannot mix DTensor (FSDP2 / expert-parallel) parameters with plain ones, so sharded runs loop
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in decay + no_decay)
+    if c.fused and sharded:
+        raise ValueError("optim.fused=true cannot update sharded (FSDP2 / expert-parallel) parameters")
+    fused = not sharded if c.fused is None else c.fused
+    return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, fused=fused,
+                             foreach=None if fused else False)

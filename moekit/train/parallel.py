@@ -69,6 +69,17 @@ def init_distributed(cfg: ParallelConfig) -> Dist | None:
     return Dist(dist.get_rank(), world, mesh, device)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: wait for every rank, free finished work, then destroy
+    the groups (a gloo group torn down by the interpreter at exit can abort the process)."""
+    if dist.is_initialized():
+        import gc
+
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def global_sum(x: torch.Tensor, d: Dist | None) -> torch.Tensor:
     """Sum of ``x`` over all ranks, differentiable through this rank's ``x`` only."""
     if d is None:

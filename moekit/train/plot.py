@@ -22,7 +22,13 @@ def plot_log(logs: dict[str, str | Path], out: str | Path, title: str = "") -> P
 
     runs = {label: read_log(p) for label, p in logs.items()}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    baseline_drawn = False
     for label, recs in runs.items():
+        unigram = [v for r in recs for k, v in r.items() if k.startswith("unigram_loss/")]
+        if unigram and not baseline_drawn:  # the held-out loss of a unigram model: the bar to clear
+            axes[0].axhline(sum(unigram) / len(unigram), color="grey", ls=":", label="unigram baseline")
+            baseline_drawn = True
+        recs = [r for r in recs if "loss" in r]
         steps = [r["step"] for r in recs]
         line, = axes[0].plot(steps, [r["loss"] for r in recs], lw=1, label=f"{label} train")
         ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
@@ -36,7 +42,7 @@ def plot_log(logs: dict[str, str | Path], out: str | Path, title: str = "") -> P
     axes[1].axhline(1.0, color="grey", lw=0.5)
     for ax in axes[:2]:
         ax.legend(fontsize=8)
-    label, recs = next(iter(runs.items()))
+    label, recs = next(iter(runs.items()))  # the first run's final per-layer load
     last = next((r for r in reversed(recs) if r.get("load")), None)
     if last:
         im = axes[2].imshow(last["load"], aspect="auto", cmap="viridis")

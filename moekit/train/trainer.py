@@ -25,7 +25,7 @@ from moekit.train.build import build_model, build_streams
 from moekit.train.config import TrainConfig
 from moekit.train.losses import bias_update, expert_load, lm_loss, router_losses
 from moekit.train.optim import build_optimizer, lr_at
-from moekit.train.parallel import global_sum, init_distributed, parallelize, sync_gradients
+from moekit.train.parallel import global_sum, init_distributed, parallelize, shutdown_distributed, sync_gradients
 
 
 class Trainer:
@@ -38,7 +38,8 @@ class Trainer:
                              f"({self.world} x {cfg.grad_accum})")
         self.show = (self.rank == 0) if progress is None else (progress and self.rank == 0)
         torch.manual_seed(cfg.seed + self.rank)
-        self.model = build_model(cfg.model, cfg.seed)
+        self.device = _device(cfg.device, self.d)
+        self.model = build_model(cfg.model, cfg.seed).to(self.device)
         self.moe = self.model.config.moe
         if self.rank == 0:  # build shards once, then every process maps them
             self.mixture, self.heldout = build_streams(cfg.data, cfg.tokenizer, self.model, cfg.seed, self.show)
@@ -65,17 +66,17 @@ class Trainer:
     def _all_sum(self, x: float) -> float:
         if not self.d:
             return x
-        t = torch.tensor([x], dtype=torch.float64)
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t)
 
     def _autocast(self):
         if self.cfg.precision != "bf16":
             return nullcontext()
-        return torch.autocast(device_type=self.d.device.type if self.d else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _local_rows(self, arr):
-        return None if arr is None else torch.as_tensor(arr[self.rank::self.world])
+        return None if arr is None else torch.as_tensor(arr[self.rank::self.world]).to(self.device)
 
     # ----------------------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -135,14 +136,15 @@ class Trainer:
         """Global gradient norm (DTensor shards counted once), clipped to optim.grad_clip."""
         from torch.distributed.tensor import DTensor
 
-        sharded, replicated = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         for g in grads:
             if isinstance(g, DTensor):
                 copies = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if p.is_replicate())
-                sharded += g.to_local().double().pow(2).sum() / copies
+                sharded += torch.linalg.vector_norm(g.to_local(), dtype=torch.float64) ** 2 / copies
             else:
-                replicated += g.double().pow(2).sum()
+                replicated += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
         if self.d:
             dist.all_reduce(sharded)
         norm = float((sharded + replicated).sqrt())
@@ -170,10 +172,10 @@ class Trainer:
             s, n = 0.0, 0.0
             for i in range(self.rank, min(n_rows, stream.windows), self.world):
                 toks, mask = stream.window(i)
-                x = torch.as_tensor(toks)[None]
+                x = torch.as_tensor(toks)[None].to(self.device)
                 with self._autocast():
                     logits = self.model(x[:, :-1])
-                mk = None if mask is None else torch.as_tensor(mask)[None, 1:]
+                mk = None if mask is None else torch.as_tensor(mask)[None, 1:].to(self.device)
                 ls, cnt = lm_loss(logits, x[:, 1:], mk)
                 s, n = s + float(ls), n + float(cnt)
             s, n = self._all_sum(s), self._all_sum(n)
@@ -280,6 +282,17 @@ class Trainer:
         return export_model(self.model, self.d, self.cfg, self.out / "model")
 
 
+def _device(name: str, d) -> torch.device:
+    """The training device: the process's own GPU under torchrun, else cuda/cpu as asked."""
+    if d is not None:
+        if name == "cpu" and d.device.type != "cpu":
+            raise ValueError("device=cpu with a GPU process group: run torchrun on a machine without GPUs")
+        return d.device
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no GPU")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def _checkpoint_blocks(model) -> None:
     """Recompute each decoder block during the backward pass instead of keeping its activations."""
     from torch.utils.checkpoint import checkpoint as ckpt
@@ -295,4 +308,7 @@ def train(cfg: TrainConfig | str | Path, resume: bool = False, overrides: dict |
 
     if not isinstance(cfg, TrainConfig):
         cfg = load_config(cfg, overrides)
-    return Trainer(cfg).fit(resume=resume)
+    try:
+        return Trainer(cfg).fit(resume=resume)
+    finally:
+        shutdown_distributed()
