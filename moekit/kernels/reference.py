@@ -66,12 +66,13 @@ def moe_experts(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
     token_of = order // K
     w_flat = weights_TK.reshape(-1)
     y_TD = torch.zeros_like(x_TD)
+    w13s, w2s = w13_EFD.unbind(0), w2_EDF.unbind(0)  # one backward stack, not a zero-filled [E, ...] per expert
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         rows = token_of[start:start + n]
-        out = F.linear(act(F.linear(x_TD[rows], w13_EFD[e])), w2_EDF[e])
+        out = F.linear(act(F.linear(x_TD[rows], w13s[e])), w2s[e])
         y_TD.index_add_(0, rows, (out * w_flat[order[start:start + n], None]).to(y_TD.dtype))
         start += n
     if shared is not None:

@@ -116,7 +116,7 @@ class ExpertParallel:
     def moe_experts(self, x_TD, w13, w2, ids_TK, weights_TK, shared=None, act=reference.silu_mul):
         """Dispatch each (token, slot) to the rank owning its expert, compute there, bring results back."""
         group, El = self.d.ep_group, self.local
-        w13_l, w2_l = w13.to_local(), w2.to_local()
+        w13_l, w2_l = w13.to_local().unbind(0), w2.to_local().unbind(0)  # cheap backward (one stack)
         T, K = ids_TK.shape
         flat = ids_TK.reshape(-1)
         order = torch.argsort(flat, stable=True)  # grouped by expert, hence by destination rank
