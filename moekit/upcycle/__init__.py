@@ -22,7 +22,7 @@ from moekit.models import MoEDecoder
 from moekit.upcycle.assemble import LayerPlan, assemble, moe_config
 from moekit.upcycle.calibrate import calibration_windows, lm_loss, neuron_importance
 from moekit.upcycle.options import UpcycleOptions
-from moekit.upcycle.plan import plan_layers
+from moekit.upcycle.plan import missing_calibration, plan_layers
 from moekit.upcycle.report import build_report, to_markdown, write_report
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -47,8 +47,9 @@ def upcycle(dense: MoEDecoder, options: UpcycleOptions | None = None, calibratio
     if dense.config.moe is not None:
         raise ValueError("the model to upcycle already has experts; give a dense (LlamaForCausalLM-style) model")
     o.validate(dense.config.intermediate_size)
-    needs_scores = o.partition and (o.method == "importance" or o.shared > 0)
-    scores = neuron_importance(dense, calibration, progress) if needs_scores and calibration is not None else None
+    scores = None
+    if o.needs_calibration and calibration is not None:
+        scores = neuron_importance(dense, calibration, progress)
     plans = plan_layers(dense, o, scores, progress)
     cfg = moe_config(dense.config, o, plans)
     model = assemble(dense, cfg, plans, o, torch.Generator().manual_seed(o.seed + 1))
@@ -72,6 +73,8 @@ def upcycle_checkpoint(model: str | Path, out: str | Path, options: UpcycleOptio
     if src_cfg.moe is not None:
         raise ValueError(f"{model}: already has experts; give a dense (LlamaForCausalLM-style) checkpoint")
     o.validate(src_cfg.intermediate_size)  # before the (slow) load
+    if o.needs_calibration and calibration is None:
+        raise ValueError(missing_calibration(o))
     dense = load(model, dtype=torch.float32, progress=progress)
     windows = None
     if calibration is not None:
@@ -107,6 +110,8 @@ def upcycle_from_spec(spec: dict, overrides: dict | None = None, seed: int = 0) 
     seq_len, max_windows = int(spec.pop("seq_len", 256)), int(spec.pop("max_windows", 64))
     spec.setdefault("seed", seed)
     o = UpcycleOptions.from_dict(spec, "model.upcycle")
+    if o.needs_calibration and calibration is None:
+        raise ValueError("model.upcycle: " + missing_calibration(o))
     dense = load(path, dtype=torch.float32)
     windows = None
     if calibration is not None:

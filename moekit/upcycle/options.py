@@ -40,6 +40,11 @@ class UpcycleOptions:
     def partition(self) -> bool:
         return self.method != "copy"
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Importance scores (the importance method, shared experts) come from calibration text."""
+        return self.partition and (self.method == "importance" or self.shared > 0)
+
     def routed_scale(self) -> float:
         if self.scale is not None:
             return float(self.scale)

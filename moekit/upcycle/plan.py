@@ -29,6 +29,11 @@ def text_groups(feats_WD: torch.Tensor, groups: int, gen: torch.Generator) -> li
     return members(labels, groups)
 
 
+def missing_calibration(o: UpcycleOptions) -> str:
+    what = "the importance method" if o.method == "importance" else f"shared={o.shared} (the most important neurons)"
+    return f"{what} needs a calibration text (calibration=...)"
+
+
 def plan_layers(dense: MoEDecoder, o: UpcycleOptions, importance: Importance | None = None,
                 progress: bool = False) -> list[LayerPlan]:
     """One :class:`LayerPlan` per layer. ``importance`` (from calibration text) is needed by the
@@ -38,9 +43,8 @@ def plan_layers(dense: MoEDecoder, o: UpcycleOptions, importance: Importance | N
     o.validate(Fw)
     if not o.partition:
         return [LayerPlan([torch.arange(Fw)] * E, torch.zeros(0, dtype=torch.long)) for _ in dense.layers]
-    if (o.method == "importance" or N) and importance is None:
-        what = "the importance method" if o.method == "importance" else f"shared={N} (the most important neurons)"
-        raise ValueError(f"{what} needs a calibration text (calibration=...)")
+    if o.needs_calibration and importance is None:
+        raise ValueError(missing_calibration(o))
     gen = torch.Generator().manual_seed(o.seed)
     groups = text_groups(importance[1], E, gen) if importance is not None else None
     width = Fw // (E + N)
