@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.engine.cuda_graph import GraphDecoder
+from moekit.engine.cuda_graph import applies as graph_applies
 from moekit.engine.kv_cache import KVCache
 from moekit.engine.sampling import SamplingParams, sample
 from moekit.models import MoEDecoder
@@ -56,8 +58,14 @@ class Stream:
 class Engine:
     """Batched prefill + KV-cached decoding over a :class:`MoEDecoder`."""
 
-    def __init__(self, model: MoEDecoder, eos_token_ids: Sequence[int] | int | None = None):
+    def __init__(self, model: MoEDecoder, eos_token_ids: Sequence[int] | int | None = None,
+                 cuda_graph: bool | None = None):
+        """cuda_graph: decode through captured CUDA graphs (:mod:`moekit.engine.cuda_graph`); None = when
+        the model is on a CUDA device. True off CUDA runs the same fixed-shape step without capture."""
         self.model = model
+        on_cuda = model.embed.weight.is_cuda
+        use_graphs = (on_cuda if cuda_graph is None else cuda_graph) and graph_applies(model)
+        self.graphs = GraphDecoder(model, capture=on_cuda) if use_graphs else None
         cfg = model.config
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id
@@ -115,7 +123,9 @@ class Engine:
         ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids_BP[b, P - len(p):] = torch.tensor(p, device=device)
-        cache = KVCache(cfg, B, P + max(sp.max_new_tokens for sp in params), dtype, device, pad)
+        capacity = P + max(sp.max_new_tokens for sp in params)
+        cache = (KVCache(cfg, B, capacity, dtype, device, pad) if self.graphs is None
+                 else self.graphs.cache(B, capacity, pad))
         gens = [None if sp.seed is None else torch.Generator(device).manual_seed(sp.seed) for sp in params]
         if any(g is None and not sp.greedy for g, sp in zip(gens, params)):
             seed = int(torch.randint(0, 2**62, ()))  # unseeded rows still get their own generator
@@ -128,6 +138,9 @@ class Engine:
         active = list(range(B))  # request index of each cache row
         n_out = [0] * B
         logits_BV = model(ids_BP, cache=cache, last_only=True)[:, -1]
+        if self.graphs is not None:
+            yield from self.graphs.decode(cache, logits_BV, params, gens, seen_BV, counts_BV, stops, cancelled)
+            return
         while True:
             suppress = [tuple(stops[i]) if n_out[i] < params[i].min_new_tokens else () for i in active]
             tok_B = sample(logits_BV, [params[i] for i in active], [gens[i] for i in active], seen_BV, counts_BV,

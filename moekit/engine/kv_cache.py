@@ -37,6 +37,10 @@ class KVCache:
         slots = torch.arange(self.length, self.length + T, device=self.pad_B.device)
         return (slots[None, :] - self.pad_B[:, None]).clamp_min(0)
 
+    def position_limit(self, T: int) -> int:
+        """A bound on max(positions(T)) + 1 known on the host (no device sync)."""
+        return self.length + T
+
     def prepare(self, T: int) -> None:
         """Build the attention mask for the next T tokens (called once per forward, shared by all layers)."""
         if self.length + T > self.capacity:

@@ -58,8 +58,13 @@ class Rotary(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos(), ang.sin()
 
-    def forward(self, pos_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, T, A] for integer positions ``pos_BT``."""
+    def forward(self, pos_BT: torch.Tensor, dtype: torch.dtype, limit: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, T, A] for integer positions ``pos_BT``.
+
+        limit: a bound on max(pos_BT) + 1 known on the host; without it the table size comes
+        from the positions themselves (a device sync, which a CUDA-graph capture forbids).
+        """
         if self.scaling is not None and self.scaling.kind == "dynamic":  # NTK: base grows with the sequence
             seq, inv = int(pos_BT.max()) + 1, self.inv_freq
             if seq > self.max_pos:
@@ -68,7 +73,7 @@ class Rotary(nn.Module):
                 inv = self._inv_freq(base).to(pos_BT.device)
             cos, sin = self._angles(pos_BT.float(), inv)
             return cos.to(dtype), sin.to(dtype)
-        need = int(pos_BT.max()) + 1
+        need = int(pos_BT.max()) + 1 if limit is None else limit
         cos, sin = self._table.get(dtype, (None, None))
         if cos is None or cos.shape[0] < need or cos.device != pos_BT.device:
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)

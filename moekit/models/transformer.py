@@ -62,15 +62,16 @@ class MoEDecoder(nn.Module):
             plain causal attention over ``input_ids_BT`` alone.
         """
         B, T = input_ids_BT.shape
+        limit = None  # a host-side bound on the positions, when known (spares RoPE a device sync)
         if positions_BT is None:
             if cache is None:
-                positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+                positions_BT, limit = torch.arange(T, device=input_ids_BT.device).expand(B, T), T
             else:
-                positions_BT = cache.positions(T)
+                positions_BT, limit = cache.positions(T), cache.position_limit(T)
         if cache is not None:
             cache.prepare(T)
         x_BTD = self.embed(input_ids_BT)
-        cos, sin = self.rotary(positions_BT, x_BTD.dtype)
+        cos, sin = self.rotary(positions_BT, x_BTD.dtype, limit)
         for block in self.layers:
             x_BTD = block(x_BTD, cos, sin, cache)
         if cache is not None:

@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, K routed slots per token, C shared-expert chunks (extra slots
 every token has), S = T * (K + C) slots, E routed experts, EP = next power of two of
-E + C, U an upper bound on the padded length, NB = U / BLOCK_M blocks.
+E + C, N chunks of CHUNK slots, U an upper bound on the padded length, NB = U / BLOCK_M.
 
 Slot ``s`` is token ``s // (K + C)``'s ``s % (K + C)``-th choice: routed expert
 ``ids[t, j]`` for j < K, else the virtual expert ``E + (j - K)`` (a chunk of the
@@ -15,8 +15,10 @@ program one expert and BLOCK_M rows:
 - ``total``: the padded length actually used (a one-element device tensor, so no
   host sync: the GEMM grid uses U and programs past ``total`` return at once).
 
-One program does it all (counts, prefix sum, stable scatter); alignment is cheap
-next to the GEMMs it feeds, and a single program needs no grid-wide sync.
+Two launches, each with one program per chunk of CHUNK slots: ``count`` writes every
+chunk's per-expert counts; ``place`` sums them (every program redundantly: N x EP
+integers) into expert starts and its own chunk's offsets, then scatters its slots by
+their rank within the chunk, and writes its share of the block experts and padding.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+CHUNK = 128  # slots per program
 
 
 @triton.jit
@@ -38,39 +42,54 @@ def _expert_of(ids_ptr, s, S, E, K: tl.constexpr, C: tl.constexpr, EP: tl.conste
 
 
 @triton.jit
-def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, S, E, U, NB,
-                  K: tl.constexpr, C: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, S, E, K: tl.constexpr, C: tl.constexpr, EP: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    c = tl.program_id(0)
     cols = tl.arange(0, EP)
-    lane = tl.arange(0, BLOCK)
-    counts = tl.zeros((EP,), dtype=tl.int32)
-    for s0 in range(0, S, BLOCK):  # 1. tokens per expert
-        e = _expert_of(ids_ptr, s0 + lane, S, E, K, C, EP)
-        counts += tl.sum((e[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    e = _expert_of(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), S, E, K, C, EP)
+    tl.store(counts_ptr + c * EP + cols, tl.sum((e[:, None] == cols[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, S, E, U, NB, N,
+                  K: tl.constexpr, C: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    cols = tl.arange(0, EP)
+    rows = tl.arange(0, CHUNK)
+    counts = tl.zeros((EP,), dtype=tl.int32)  # per expert, all chunks
+    before = tl.zeros((EP,), dtype=tl.int32)  # per expert, chunks before this one
+    for c0 in range(0, N, CHUNK):
+        r = c0 + rows
+        part = tl.load(counts_ptr + r[:, None] * EP + cols[None, :], mask=r[:, None] < N, other=0)
+        counts += tl.sum(part, axis=0)
+        before += tl.sum(tl.where(r[:, None] < c, part, 0), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
     total = tl.sum(padded, axis=0)
-    tl.store(total_ptr, total)
-    for b0 in range(0, NB, BLOCK):  # 2. the expert of every block
-        pos = (b0 + lane) * BLOCK_M
+    if c == 0:
+        tl.store(total_ptr, total)
+    # this chunk's slots, stable: rank within the chunk among slots of the same expert
+    s = c * CHUNK + rows
+    hot = (_expert_of(ids_ptr, s, S, E, K, C, EP)[:, None] == cols[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1
+    base = tl.sum(hot * (starts + before)[None, :], axis=1)
+    tl.store(sorted_ptr + base + rank, s, mask=s < S)
+    # this chunk's share of the block experts, then of the padding (disjoint from every program's slot writes)
+    per_b = tl.cdiv(NB, N)
+    for b0 in range(c * per_b, (c + 1) * per_b, CHUNK):
+        b = b0 + rows
+        pos = b * BLOCK_M
         e = tl.sum((ends[None, :] <= pos[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b0 + lane, tl.where(pos < total, e, -1), mask=b0 + lane < NB)
-    for u0 in range(0, U, BLOCK):  # 3. sentinels in the padding (disjoint from step 4's writes)
-        u = u0 + lane
-        e = tl.sum((ends[None, :] <= u[:, None]).to(tl.int32), axis=1)
-        at = cols[None, :] == e[:, None]
+        tl.store(block_expert_ptr + b, tl.where(pos < total, e, -1), mask=(b < NB) & (b < (c + 1) * per_b))
+    per_u = tl.cdiv(U, N)
+    for u0 in range(c * per_u, (c + 1) * per_u, CHUNK):
+        u = u0 + rows
+        at = cols[None, :] == tl.sum((ends[None, :] <= u[:, None]).to(tl.int32), axis=1)[:, None]
         first = tl.sum(tl.where(at, starts[None, :], 0), axis=1)
         used = tl.sum(tl.where(at, counts[None, :], 0), axis=1)
-        tl.store(sorted_ptr + u, S, mask=(u < U) & ((u - first >= used) | (u >= total)))
-    cursor = starts
-    for s0 in range(0, S, BLOCK):  # 4. stable scatter: rank within the expert, in slot order
-        s = s0 + lane
-        hot = (_expert_of(ids_ptr, s, S, E, K, C, EP)[:, None] == cols[None, :]).to(tl.int32)
-        rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1
-        base = tl.sum(hot * cursor[None, :], axis=1)
-        tl.store(sorted_ptr + base + rank, s, mask=s < S)
-        cursor += tl.sum(hot, axis=0)
+        pad = (u - first >= used) | (u >= total)
+        tl.store(sorted_ptr + u, S, mask=pad & (u < U) & (u < (c + 1) * per_u))
 
 
 def padded_bound(slots: int, experts: int, block_m: int) -> int:
@@ -90,7 +109,11 @@ def align(ids_TK: torch.Tensor, num_experts: int, shared_chunks: int, block_m: i
     block_expert = torch.empty(U // block_m, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
     EP = triton.next_power_of_2(num_experts + C)
-    block = max(16, min(triton.next_power_of_2(max(S, U // block_m)), 8192 // EP, 256))
-    _align_kernel[(1,)](ids_TK.contiguous(), sorted_U, block_expert, total, S, num_experts, U, U // block_m,
-                        K=K, C=C, EP=EP, BLOCK_M=block_m, BLOCK=block, num_warps=4)
+    N = max(1, triton.cdiv(S, CHUNK))
+    counts = torch.empty(N, EP, dtype=torch.int32, device=dev)
+    ids = ids_TK.contiguous()
+    warps = 4 if EP <= 64 else 8
+    _count_kernel[(N,)](ids, counts, S, num_experts, K=K, C=C, EP=EP, CHUNK=CHUNK, num_warps=warps)
+    _place_kernel[(N,)](ids, counts, sorted_U, block_expert, total, S, num_experts, U, U // block_m, N,
+                        K=K, C=C, EP=EP, BLOCK_M=block_m, CHUNK=CHUNK, num_warps=warps)
     return sorted_U, block_expert, total

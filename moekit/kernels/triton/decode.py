@@ -25,9 +25,10 @@ import triton.language as tl
 
 from moekit.kernels.triton.interpret import interpreted
 
+# memory-bound: what matters is bytes in flight per SM, so wide BK tiles and enough programs (narrow BN)
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-           for bn, bk, w, st in ((8, 256, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3),
-                                 (32, 256, 8, 3), (64, 128, 8, 3))]
+           for bn, bk, w, st in ((8, 512, 4, 2), (16, 256, 4, 3), (16, 512, 8, 2), (32, 256, 8, 2),
+                                 (8, 1024, 8, 1), (32, 128, 4, 3), (64, 128, 8, 2))]
 SMALL = {"BLOCK_N": 32, "BLOCK_K": 64}  # the interpreter's config: few, large programs run fastest there
 
 

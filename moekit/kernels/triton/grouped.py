@@ -29,7 +29,7 @@ from moekit.kernels.triton.interpret import interpreted
 
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
            for bn, bk, w, st in ((64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3),
-                                 (128, 128, 8, 3), (256, 64, 8, 3))]
+                                 (128, 128, 8, 3))]
 SMALL = {"BLOCK_N": 32, "BLOCK_K": 64}  # the interpreter's config: few, large programs run fastest there
 
 
