@@ -77,6 +77,7 @@ def assert_same_run(got: dict, want: dict, what: str) -> None:
 
 PLANS = {
     2: [{"parallel": {"fsdp": True}},
+        {"parallel": {"fsdp": True, "cpu_offload": True}},
         {"parallel": {"ep": 2}},
         {"parallel": {"fsdp": True, "ep": 2}, "grad_accum": 2}],
     4: [{"parallel": {"fsdp": True}, "grad_accum": 2},

@@ -46,6 +46,7 @@ def plot_log(logs: dict[str, str | Path], out: str | Path, title: str = "") -> P
     last = next((r for r in reversed(recs) if r.get("load")), None)
     if last:
         im = axes[2].imshow(last["load"], aspect="auto", cmap="viridis")
+        axes[2].set_yticks(range(len(last["load"])))
         axes[2].set(xlabel="expert", ylabel="layer", title=f"{label}: expert load at step {last['step']}")
         fig.colorbar(im, ax=axes[2], label="fraction of routed slots")
     if title:
