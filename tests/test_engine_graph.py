@@ -94,3 +94,24 @@ def test_captured_graph_decode_equals_reference_decode(dtype):
         assert got == want
     else:  # bf16 rounding may flip a near-tie late in a sequence; the first tokens must agree
         assert [t[:4] for t, _ in got] == [t[:4] for t, _ in want]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_xverse_sized_decode_with_graphs_equals_reference():
+    """XVERSE-MoE-A4.2B's real widths (2 of its 28 layers), float32: Triton + CUDA graphs = reference, eager."""
+    import moekit
+
+    cfg = moekit.preset("xverse-moe-a4.2b").replace(num_layers=2)
+    outs = []
+    for kernels, graphs in (("triton", True), ("reference", False)):
+        model = MoEDecoder(cfg, kernels=kernels, device="cuda")
+        model.init_weights(std=0.02, generator=torch.Generator().manual_seed(5))
+        engine = Engine(model.to("cuda").eval(), cuda_graph=graphs)
+        assert (engine.graphs is not None and engine.graphs.capture) == graphs
+        prompts = [[11, 22, 33, 44, 55], [7, 8], [99] * 9]
+        params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+        outs.append([c.token_ids for c in engine.generate(prompts, params)])
+        del engine, model
+        torch.cuda.empty_cache()
+    assert outs[0] == outs[1]

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the Triton kernels need the triton package (pip install triton)", allow_module_level=True)
@@ -177,6 +179,31 @@ def test_fused_moe(T, D, F, E, K, Fs, gated, skew, dtype, path):
     got = fused_moe(*case, path=path)
     assert got.dtype == dtype and got.shape == (T, D)
     assert_as_good(got, reference.moe_experts(*case), truth_of(*case), dtype)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(T=st.integers(1, 24), E=st.sampled_from([2, 5, 16]), K=st.integers(1, 4), F=st.sampled_from([16, 24]),
+       Fs=st.sampled_from([0, 16, 40]), gated=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_moe_random_shapes(T, E, K, F, Fs, gated, seed):
+    """Random shapes (ragged loads, zero-token experts, shared widths that split unevenly), both paths."""
+    g.manual_seed(seed)
+    case = moe_case(T, 32, F, E, min(K, E), Fs, gated, torch.float32, skew=seed % 2 == 0)
+    truth = truth_of(*case)
+    for path in ("grouped",) + (("decode",) if T <= 8 else ()):
+        assert_as_good(fused_moe(*case, path=path), None, truth, torch.float32)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(T=st.integers(0, 150), E=st.integers(1, 40), K=st.integers(1, 6), C=st.integers(0, 3),
+       bm=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_align_random_shapes(T, E, K, C, bm, seed):
+    K = min(K, E)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else torch.empty(0, K).long()
+    sorted_u, block_expert, total = align_mod.align(ids.to(DEV), E, C, bm)
+    slots, blocks = expected_alignment(ids, E, C, bm)
+    n = int(total)
+    assert sorted_u[:n].tolist() == slots and block_expert[:n // bm].tolist() == blocks
 
 
 @pytest.mark.parametrize("path, config", [("grouped", {"BLOCK_N": 32, "BLOCK_K": 16}),
