@@ -12,6 +12,7 @@ Dense matmuls stay with cuBLAS (``linear``) and attention with PyTorch's SDPA
     grouped.py   grouped GEMMs: gate+up with SiLU-and-multiply; down with the routing weight
     decode.py    GEMV-style gate+up and down (weighted top-k sum fused) for a few tokens
     elementwise.py  RMSNorm, SiLU-and-multiply, RoPE
+    tuning.py    autotuning over short config lists (no tuning files)
     interpret.py running on CPU under TRITON_INTERPRET=1 (tests, bench smoke runs)
 """
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.kernels.triton.interpret import interpreted
+from moekit.kernels.triton.tuning import autotuned, pick
 
 # memory-bound: what matters is bytes in flight per SM, so wide BK tiles and enough programs (narrow BN)
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -106,16 +106,8 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, ws_ptr, y_ptr, D,
     tl.store(y_ptr + t.to(tl.int64) * D + n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-_gate_up_tuned = triton.autotune(CONFIGS, key=["F", "D", "TOKENS"])(_gate_up_kernel)
-_down_tuned = triton.autotune(CONFIGS, key=["F", "D", "TOKENS"])(_down_kernel)
-
-
-def _pick(plain, tuned, config: dict | None):
-    if config is not None:
-        return plain, config
-    if interpreted(plain):
-        return plain, SMALL
-    return tuned, {}
+_gate_up_tuned = autotuned(_gate_up_kernel, CONFIGS, ["F", "D", "TOKENS"])
+_down_tuned = autotuned(_down_kernel, CONFIGS, ["F", "D", "TOKENS"])
 
 
 def gate_up(x_TD, ids_TK, w13_EFD, w13_s, C: int, config: dict | None = None) -> torch.Tensor:
@@ -127,7 +119,7 @@ def gate_up(x_TD, ids_TK, w13_EFD, w13_s, C: int, config: dict | None = None) ->
     Fs = 0 if w13_s is None else w13_s.shape[0] // 2
     S = T * (K + C)
     h = torch.empty(S, F, dtype=x_TD.dtype, device=x_TD.device)
-    kernel, meta = _pick(_gate_up_kernel, _gate_up_tuned, config)
+    kernel, meta = pick(_gate_up_kernel, _gate_up_tuned, config, SMALL)
     grid = lambda m: (S, triton.cdiv(F, m["BLOCK_N"]))  # noqa: E731
     kernel[grid](x_TD, ids_TK, w13_EFD, ws, h, D, F, Fs, x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1),
                  ws.stride(0), T, K=K, KC=K + C, **meta)
@@ -141,7 +133,7 @@ def down(h_SF, ids_TK, weights_TK, gate_T, w2_EDF, w2_s, C: int, config: dict | 
     ws = w2_EDF if w2_s is None else w2_s
     Fs = 0 if w2_s is None else w2_s.shape[1]
     y = torch.empty(T, D, dtype=h_SF.dtype, device=h_SF.device)
-    kernel, meta = _pick(_down_kernel, _down_tuned, config)
+    kernel, meta = pick(_down_kernel, _down_tuned, config, SMALL)
     grid = lambda m: (T, triton.cdiv(D, m["BLOCK_N"]))  # noqa: E731
     kernel[grid](h_SF, ids_TK, weights_TK, weights_TK if gate_T is None else gate_T, w2_EDF, ws, y, D, F, Fs,
                  w2_EDF.stride(0), w2_EDF.stride(1), ws.stride(0), T, K=K, KC=K + C, HAS_GATE=gate_T is not None,

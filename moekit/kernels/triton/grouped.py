@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from moekit.kernels.triton.interpret import interpreted
+from moekit.kernels.triton.tuning import autotuned, pick
 
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
            for bn, bk, w, st in ((64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3),
@@ -126,17 +127,8 @@ def _down_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, weights_ptr, gate_ptr, sorted_ptr,
              mask=valid[:, None] & n_ok[None, :])
 
 
-_gate_up_tuned = triton.autotune(CONFIGS, key=["F", "D", "BLOCK_M", "M_BUCKET"])(_gate_up_kernel)
-_down_tuned = triton.autotune(CONFIGS, key=["F", "D", "BLOCK_M", "M_BUCKET"])(_down_kernel)
-
-
-def _pick(plain, tuned, config: dict | None):
-    """(kernel, extra meta): a fixed config under the interpreter or when given, else the autotuner."""
-    if config is not None:
-        return plain, config
-    if interpreted(plain):
-        return plain, SMALL
-    return tuned, {}
+_gate_up_tuned = autotuned(_gate_up_kernel, CONFIGS, ["F", "D", "BLOCK_M", "M_BUCKET"])
+_down_tuned = autotuned(_down_kernel, CONFIGS, ["F", "D", "BLOCK_M", "M_BUCKET"])
 
 
 def _dot_options(x: torch.Tensor) -> dict:
@@ -154,7 +146,7 @@ def gate_up(x_TD, w13_EFD, w13_s, sorted_U, block_expert, total, slots: int, KC:
     ws = w13_EFD if w13_s is None else w13_s
     Fs = 0 if w13_s is None else w13_s.shape[0] // 2
     h = torch.empty(sorted_U.shape[0], F, dtype=x_TD.dtype, device=x_TD.device)
-    kernel, meta = _pick(_gate_up_kernel, _gate_up_tuned, config)
+    kernel, meta = pick(_gate_up_kernel, _gate_up_tuned, config, SMALL)
     grid = lambda m: (block_expert.shape[0], triton.cdiv(F, m["BLOCK_N"]))  # noqa: E731
     kernel[grid](x_TD, w13_EFD, ws, h, sorted_U, block_expert, total, slots, D, F, Fs, E, x_TD.stride(0),
                  w13_EFD.stride(0), w13_EFD.stride(1), ws.stride(-2), triton.next_power_of_2(slots),
@@ -170,7 +162,7 @@ def down(h_UF, w2_EDF, w2_s, weights_TK, gate_T, sorted_U, block_expert, total, 
     Fs = 0 if w2_s is None else w2_s.shape[1]
     y = torch.empty(slots, D, dtype=h_UF.dtype, device=h_UF.device)
     K = weights_TK.shape[1]
-    kernel, meta = _pick(_down_kernel, _down_tuned, config)
+    kernel, meta = pick(_down_kernel, _down_tuned, config, SMALL)
     grid = lambda m: (block_expert.shape[0], triton.cdiv(D, m["BLOCK_N"]))  # noqa: E731
     kernel[grid](h_UF, w2_EDF, ws, y, weights_TK, weights_TK if gate_T is None else gate_T, sorted_U, block_expert,
                  total, slots, D, F, Fs, E, w2_EDF.stride(0), w2_EDF.stride(1), ws.stride(-2),
