@@ -35,7 +35,7 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_t, eps,
     pick = score
     if HAS_BIAS:
         pick = score + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    avail = col_ok[None, :] & row_ok[:, None]  # [BLOCK_T, EP]: real and not yet chosen
+    avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, EP))  # [BLOCK_T, EP]: a real expert, not yet chosen
     kcols = tl.arange(0, KP)
     w_tile = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
     id_tile = tl.zeros((BLOCK_T, KP), dtype=tl.int64)
