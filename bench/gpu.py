@@ -106,7 +106,6 @@ def probes(clock: Clock, dev: str) -> dict:
     s = 512 if SMOKE else 8192
     x, w = torch.randn(s, s, device=dev, dtype=torch.bfloat16), torch.randn(s, s, device=dev, dtype=torch.bfloat16)
     mm = 2 * s ** 3 / clock(lambda: x @ w, reps=10)
-    del a, b, x, w
     return {"copy_tbs": copy / 1e12, "matmul_tflops": mm / 1e12}
 
 
@@ -239,8 +238,7 @@ def bench_moekit_model(cfg, args, clock, dev) -> dict:
     ids = prompts(1, args.prefill, cfg.vocab_size, 7).to(dev)
     with torch.inference_mode():
         out["prefill"] = args.prefill / clock(lambda: model(ids, last_only=True), reps=3, warmup=1)
-    del engine, model
-    return out
+    return out  # the model and its graphs are freed with this frame
 
 
 def bench_hf_model(cfg, args, clock, dev, errors) -> dict:
@@ -295,7 +293,6 @@ def bench_hf_model(cfg, args, clock, dev, errors) -> dict:
     with torch.inference_mode():
         out["prefill"]["grouped_mm"] = args.prefill / clock(lambda: model(ids, logits_to_keep=1, use_cache=False),
                                                             reps=3, warmup=1)
-    del model
     return out
 
 

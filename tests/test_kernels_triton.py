@@ -28,7 +28,7 @@ if not GPU:
 try:
     import moekit.kernels.triton as tk
     from moekit.kernels.triton import align as align_mod
-    from moekit.kernels.triton import elementwise, routing
+    from moekit.kernels.triton import routing
     from moekit.kernels.triton.interpret import numpy_compat
     from moekit.kernels.triton.moe import fused_moe
 finally:

@@ -113,7 +113,7 @@ _down_tuned = autotuned(_down_kernel, CONFIGS, ["F", "D", "TOKENS"])
 def gate_up(x_TD, ids_TK, w13_EFD, w13_s, C: int, config: dict | None = None) -> torch.Tensor:
     """h [S, F]: silu(gate) * up for every (token, slot), slots in token order."""
     T, K = ids_TK.shape
-    E, F2, D = w13_EFD.shape
+    _, F2, D = w13_EFD.shape
     F = F2 // 2
     ws = w13_EFD if w13_s is None else w13_s
     Fs = 0 if w13_s is None else w13_s.shape[0] // 2
@@ -129,7 +129,7 @@ def gate_up(x_TD, ids_TK, w13_EFD, w13_s, C: int, config: dict | None = None) ->
 def down(h_SF, ids_TK, weights_TK, gate_T, w2_EDF, w2_s, C: int, config: dict | None = None) -> torch.Tensor:
     """y [T, D]: sum over each token's slots of weight * expert output (shared chunks: gate or 1)."""
     T, K = ids_TK.shape
-    E, D, F = w2_EDF.shape
+    _, D, F = w2_EDF.shape
     ws = w2_EDF if w2_s is None else w2_s
     Fs = 0 if w2_s is None else w2_s.shape[1]
     y = torch.empty(T, D, dtype=h_SF.dtype, device=h_SF.device)

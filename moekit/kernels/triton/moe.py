@@ -54,7 +54,8 @@ def check(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared) -> None:
         problems.append(f"ids {list(ids_TK.shape)} and weights {list(weights_TK.shape)} must both be [T={T}, K]")
     if shared is not None:
         w13_s, w2_s, gate_T = shared
-        if w13_s.dim() != 2 or w13_s.shape[1] != D or w13_s.shape[0] % 2 or tuple(w2_s.shape) != (D, w13_s.shape[0] // 2):
+        Fs = w13_s.shape[0] // 2
+        if w13_s.dim() != 2 or w13_s.shape[1] != D or w13_s.shape[0] % 2 or tuple(w2_s.shape) != (D, Fs):
             problems.append(f"shared w13 {list(w13_s.shape)} / w2 {list(w2_s.shape)} must be [2Fs, D={D}] / [D, Fs]")
         if gate_T is not None and gate_T.numel() != T:
             problems.append(f"shared gate has {gate_T.numel()} values for T={T} tokens")
