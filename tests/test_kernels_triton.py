@@ -67,15 +67,21 @@ def no_fallback(monkeypatch, *names):
         yield
 
 
-g = torch.Generator().manual_seed(0)
+g = torch.Generator(DEV).manual_seed(0)  # on the device: full-shape weights are drawn there
+cpu_g = torch.Generator().manual_seed(1)
 
 
 def rnd(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+    return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
+
+
+# The interpreter casts fp32 -> bf16 by truncation (a GPU rounds to nearest), which costs the kernels up to one
+# more bf16 ulp per rounding there; a wrong expert, weight or mask is off by O(1), far beyond either slack.
+BF16_SLACK = 1e-3 if GPU else 2 ** -8
 
 
 def assert_as_good(got, ref, truth, dtype):
-    """fp32: equal to the float64 truth; bf16: no worse than twice the reference path's own error."""
+    """fp32: equal to the float64 truth; bf16: no worse than twice the reference path's own error (+ slack)."""
     got, truth = got.double().cpu(), truth.double().cpu()
     scale = truth.abs().max().clamp_min(1e-6)
     err = (got - truth).abs().max() / scale
@@ -83,7 +89,7 @@ def assert_as_good(got, ref, truth, dtype):
         assert err < 1e-5, f"relative error {err:.2e}"
     else:
         ref_err = (ref.double().cpu() - truth).abs().max() / scale
-        assert err <= 2 * ref_err + 1e-3, f"relative error {err:.2e}, reference path {ref_err:.2e}"
+        assert err <= 2 * ref_err + BF16_SLACK, f"relative error {err:.2e}, reference path {ref_err:.2e}"
 
 
 # ----------------------------------------------------------------------------- routing
@@ -132,7 +138,7 @@ def expected_alignment(ids, E, C, bm):
     (1, 8, 2, 0, 16, False), (5, 16, 4, 2, 16, False), (40, 4, 2, 1, 16, True), (3, 64, 6, 2, 16, False),
     (100, 16, 6, 0, 32, False), (37, 8, 3, 3, 64, True), (0, 8, 2, 0, 16, False)])
 def test_align(T, E, K, C, bm, skew):
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.empty(0, K).long()
+    ids = torch.stack([torch.randperm(E, generator=cpu_g)[:K] for _ in range(T)]) if T else torch.empty(0, K).long()
     if skew:  # every token on the same few experts: the rest have zero tokens
         ids = torch.arange(K).expand(T, K) * 2 % E
     sorted_u, block_expert, total = align_mod.align(ids.to(DEV), E, C, bm)
@@ -155,7 +161,7 @@ def moe_case(T, D, F, E, K, Fs, gated, dtype, skew=False):
     shared = None
     if Fs:
         shared = (rnd(2 * Fs, D, dtype=dtype, scale=D ** -0.5), rnd(D, Fs, dtype=dtype, scale=Fs ** -0.5),
-                  torch.rand(T, generator=g).to(dtype).to(DEV) if gated else None)
+                  torch.rand(T, generator=g, device=DEV).to(dtype) if gated else None)
     return x, w13, w2, ids, w, shared
 
 
@@ -276,7 +282,7 @@ def test_tiny_model_logits_and_greedy_decode_match_reference(monkeypatch):
     from moekit.engine import Engine, SamplingParams
 
     fast, ref = tiny_model("triton"), tiny_model("reference")
-    ids = torch.randint(0, 96, (2, 7), generator=g)
+    ids = torch.randint(0, 96, (2, 7), generator=cpu_g).to(DEV)
     with torch.inference_mode(), no_fallback(monkeypatch, "moe_experts", "route", "rms_norm", "rotary"):
         got = fast(ids)
     with torch.inference_mode():
@@ -299,15 +305,16 @@ SHAPES = {  # D, F, E, K, Fs, gated
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("T", [1, 4, 16, 17, 300, 2048])
-@pytest.mark.parametrize("path", ["decode", "grouped"])
-def test_fused_moe_full_shapes(shape, T, path):
+def test_fused_moe_full_shapes(shape):
+    """Both paths from 1 to 2048 tokens on one set of full-size weights per shape (bf16 vs the float64 truth)."""
     D, F, E, K, Fs, gated = SHAPES[shape]
-    if path == "decode" and T > 64:
-        pytest.skip("the decode path is for a few tokens")
-    case = moe_case(T, D, F, E, K, Fs, gated, torch.bfloat16)
-    got = fused_moe(*case, path=path)
-    assert_as_good(got, reference.moe_experts(*case), truth_of(*case), torch.bfloat16)
+    x, w13, w2, ids, w, shared = moe_case(2048, D, F, E, K, Fs, gated, torch.bfloat16)
+    for T in (1, 4, 16, 17, 300, 2048):
+        case = (x[:T], w13, w2, ids[:T], w[:T], None if shared is None else
+                (shared[0], shared[1], None if shared[2] is None else shared[2][:T]))
+        truth, ref = truth_of(*case), reference.moe_experts(*case)
+        for path in ("decode", "grouped") if T <= 64 else ("grouped",):
+            assert_as_good(fused_moe(*case, path=path), ref, truth, torch.bfloat16)
 
 
 @pytest.mark.gpu
