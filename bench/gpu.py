@@ -36,6 +36,7 @@ import gc  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -329,6 +330,18 @@ def main() -> None:
     print(f"{r['device']}", flush=True)
     from moekit.kernels.triton.interpret import numpy_compat
 
+    def section(what: str, fn):
+        """Run one part; a failure is recorded and the next part still runs."""
+        print(f"{what} ({time.perf_counter() - start:.0f} s in)", flush=True)
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - one GPU run should report every part it can
+            r["errors"].append(f"{what}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+        finally:
+            release(dev)
+            rep.save(r, out, stem)
+
     with numpy_compat():
         r["probes"] = probes(clock, dev)
         print(f"probes: {r['probes']}", flush=True)
@@ -338,9 +351,10 @@ def main() -> None:
             tokens = [2 ** i for i in range(args.max_tokens.bit_length())]
             r["block"] = {}
             for name in args.shapes.split(","):
-                r["block"][name] = bench_block(name, shapes[name], tokens, clock, r["probes"], dev, r["errors"])
-                release(dev)
-                rep.save(r, out, stem)
+                rows = section(f"block {name}", lambda: bench_block(name, shapes[name], tokens, clock, r["probes"],
+                                                                    dev, r["errors"]))
+                if rows:
+                    r["block"][name] = rows
         cfg = model_config(args)
         total, active = moekit.count_params(cfg)
         bw, peak = r["probes"]["copy_tbs"] * 1e12, r["probes"]["matmul_tflops"] * 1e12
@@ -352,15 +366,11 @@ def main() -> None:
                                  f"decode_b{args.batch}": args.batch * bw / rep.decode_bytes(cfg, args.batch, context),
                                  "prefill": args.prefill * peak / rep.prefill_flops(cfg, args.prefill)}}
         if "model" in parts:
-            print(f"moekit model ({time.perf_counter() - start:.0f} s in)", flush=True)
-            r["model"]["moekit"] = bench_moekit_model(cfg, args, clock, dev)
+            r["model"]["moekit"] = section("moekit model", lambda: bench_moekit_model(cfg, args, clock, dev)) or {}
             print(f"  {r['model']['moekit']}", flush=True)
-            release(dev)
-            rep.save(r, out, stem)
         if "hf-model" in parts:
-            print(f"transformers model ({time.perf_counter() - start:.0f} s in)", flush=True)
-            r["model"]["transformers"] = bench_hf_model(cfg, args, clock, dev, r["errors"])
-            release(dev)
+            r["model"]["transformers"] = section("transformers model",
+                                                 lambda: bench_hf_model(cfg, args, clock, dev, r["errors"])) or {}
         r["seconds"] = time.perf_counter() - start
         rep.save(r, out, stem)
     print(rep.markdown(r))

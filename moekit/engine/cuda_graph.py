@@ -173,10 +173,11 @@ class GraphDecoder:
         penalties = not greedy
         n_out, done = [0] * B, [False] * B
 
-        def pick(logits: torch.Tensor) -> torch.Tensor:
+        def pick(logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+            """Next tokens; ``ahead``: tokens already sampled that the host has not counted yet."""
             if greedy:
                 return logits.argmax(-1)
-            suppress = [tuple(stops[i]) if n_out[i] < params[i].min_new_tokens else () for i in range(B)]
+            suppress = [tuple(stops[i]) if n_out[i] + ahead < params[i].min_new_tokens else () for i in range(B)]
             return sample(logits, params, gens, seen_BV, counts_BV, suppress)
 
         pinned = torch.empty(B, dtype=torch.long, pin_memory=cache.pad_B.is_cuda)
@@ -193,9 +194,7 @@ class GraphDecoder:
                     if penalties:
                         seen_BV.scatter_(1, tok_B[:, None], True)
                         counts_BV.scatter_add_(1, tok_B[:, None], torch.ones_like(tok_B[:, None], dtype=torch.float32))
-                    n_out = [n + 1 for n in n_out]  # pick() below samples the next token of every row
-                    next_B = pick(step(tok_B))
-                    n_out = [n - 1 for n in n_out]
+                    next_B = pick(step(tok_B), ahead=1)
                 if copied is not None:
                     copied.synchronize()
                 events = []
