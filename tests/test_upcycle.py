@@ -257,3 +257,35 @@ def test_trainer_builds_from_an_upcycle_spec(dense_dir, tmp_path):
 def test_options_scale_defaults():
     assert UpcycleOptions(experts=16, top_k=4).routed_scale() == 4.0
     assert UpcycleOptions(method="copy", experts=8, top_k=2).routed_scale() == 1.0
+
+
+def test_importance_scores_frozen_model_and_taylor_formula(dense, windows):
+    """Scores equal |a * dL/da| summed over tokens (the last layer checked by hand), frozen weights or not."""
+    import torch.nn.functional as F
+
+    from moekit.upcycle import neuron_importance
+
+    scores, feats = neuron_importance(dense, windows[:2])
+    assert len(scores) == 2 and scores[0].shape == (2, FFN) and feats.shape == (2, 64)
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    try:
+        frozen, _ = neuron_importance(dense, windows[:2])
+    finally:
+        for p in dense.parameters():
+            p.requires_grad_(True)
+    assert torch.allclose(frozen[1], scores[1])
+    block, x = dense.layers[-1], windows[1:2]
+    seen = []
+    handle = block.ffn_norm.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        dense(x[:, :-1])
+    handle.remove()
+    resid, h = (t.detach() for t in seen[0])
+    w13 = block.ffn.w13.detach()
+    a = (F.silu(F.linear(h, w13[:FFN])) * F.linear(h, w13[FFN:])).requires_grad_()
+    logits = F.linear(dense.norm(resid + F.linear(a, block.ffn.w2.detach())), dense.output_weight.detach())
+    loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].reshape(-1))
+    (g,) = torch.autograd.grad(loss, a)
+    want = (a.detach() * g).abs().sum((0, 1)).double()
+    assert float(want.sum()) > 0 and torch.allclose(scores[1][1], want, rtol=1e-4, atol=1e-9)

@@ -97,17 +97,18 @@ def neuron_importance(dense: MoEDecoder, windows_WT: torch.Tensor, progress: boo
 
 def _window_scores(dense: MoEDecoder, probes: list[_Probe], x_BT: torch.Tensor
                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    h = dense.embed(x_BT[:, :-1])
-    if not h.requires_grad:  # frozen weights: the graph still needs an input that requires grad
-        h.requires_grad_()
-    cos, sin = dense.rotary(torch.arange(x_BT.shape[1] - 1)[None], h.dtype)
-    for block in dense.layers:
-        h = block(h, cos, sin)
-    h = dense.norm(h)
-    logits = F.linear(h, dense.output_weight)
+    final: list[torch.Tensor] = []
+    hooks = [dense.norm.register_forward_hook(lambda mod, args, out: final.append(out))]
+    if not any(p.requires_grad for p in dense.parameters()):  # frozen weights: the graph needs one input
+        hooks.append(dense.embed.register_forward_hook(lambda mod, args, out: out.requires_grad_()))
+    try:
+        logits = dense(x_BT[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
     loss = F.cross_entropy(logits.flatten(0, 1).float(), x_BT[:, 1:].reshape(-1))
     grads = torch.autograd.grad(loss, [p.act_BTF for p in probes])
     out = [(p.act_BTF.detach() * g).abs().sum((0, 1)).double() for p, g in zip(probes, grads)]
     for p in probes:
         p.act_BTF = None
-    return out, h.detach().mean((0, 1)).double()
+    return out, final[-1].detach().mean((0, 1)).double()
