@@ -119,6 +119,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     model = raw.get("model", {})
     if model.get("path"):
         model["path"] = str(_resolve(root, model["path"]))
+    for key in ("path", "calibration", "tokenizer"):  # files an upcycle section reads
+        if (model.get("upcycle") or {}).get(key):
+            model["upcycle"][key] = str(_resolve(root, model["upcycle"][key]))
     try:
         return TrainConfig(**raw)
     except TypeError as e:
