@@ -6,7 +6,8 @@ from moekit.presets import PRESETS, preset
 from moekit.weights import CheckpointError, load, save
 from moekit.tokenizer import Tokenizer
 from moekit.engine import CausalLM, Engine, SamplingParams
+from moekit.assets import default_model_path
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "CausalLM", "CheckpointError", "ConfigError", "Engine", "ModelConfig", "MoEConfig", "MoEDecoder",
-           "RopeScaling", "SamplingParams", "Tokenizer", "count_params", "load", "preset", "save"]
+           "RopeScaling", "SamplingParams", "Tokenizer", "count_params", "default_model_path", "load", "preset", "save"]

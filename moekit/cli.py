@@ -15,18 +15,32 @@ class UsageError(Exception):
     """A command-line problem that deserves one line, not a traceback."""
 
 
+def _default_model() -> str:
+    """The embedded default model's folder (moekit/assets/default)."""
+    from moekit.assets import default_model_path
+
+    try:
+        return str(default_model_path())
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from moekit.describe import describe
     from moekit.presets import PRESETS, preset
     from moekit.weights import read_config
 
     target = args.model
+    embedded = target is None or (target == "default" and not Path(target).exists())
+    if embedded:
+        target = _default_model()
     if target in PRESETS:
         cfg, name = preset(target), target
     elif Path(target).exists():
         cfg, _, files, _ = read_config(target)
         size = sum(f.stat().st_size for f in files)
-        name = f"{target} ({len(files)} shard{'s' * (len(files) > 1)}, {size / 2**20:,.1f} MiB)"
+        name = f"{'embedded default model ' * embedded}{target} ({len(files)} shard{'s' * (len(files) > 1)}, " \
+               f"{size / 2**20:,.1f} MiB)"
     else:
         raise UsageError(f"{target!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
     print("\n".join(describe(cfg, name)))
@@ -46,7 +60,7 @@ SAMPLING_FLAGS = {  # flag -> (type, help); None defaults defer to generation_co
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint folder")
+    p.add_argument("--model", help="checkpoint folder (default: the embedded demo model, docs/default-model.md)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -73,7 +87,7 @@ def _load(args: argparse.Namespace):
     given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     SamplingParams(**given, stop=tuple(args.stop))  # reject bad flags before the (slow) load
     if not args.model:
-        raise UsageError("--model is required (a checkpoint folder)")
+        args.model = _default_model()
     if not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model!r}: no such checkpoint folder")
     t0 = time.perf_counter()
@@ -198,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts language models.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="architecture, layer layout and parameter counts")
-    info.add_argument("model", help="checkpoint folder or preset name")
+    info.add_argument("model", nargs="?", help="checkpoint folder or preset name (default: the embedded model)")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)")
     gen.add_argument("--prompt", required=True, help="the prompt text")

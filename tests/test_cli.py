@@ -62,7 +62,6 @@ def test_interactive_chat_reset_and_exit(text_checkpoint):
 
 def test_generate_errors_are_one_line(text_checkpoint, tmp_path):
     for args, msg in [(["--model", str(tmp_path / "missing")], "no such checkpoint folder"),
-                      ([], "--model is required"),
                       (["--model", str(text_checkpoint("xverse")), "--top-p", "3"], "top_p=3.0 is invalid")]:
         r = run("generate", "--prompt", "x", *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -39,19 +39,23 @@ def stage(name: str, fn) -> tuple[object, float]:
     return out, dt
 
 
-def run_train(yaml_name: str) -> dict:
-    """``moekit train`` on a recipe file; returns what the model card needs from its log."""
+def run_train(yaml_name: str) -> None:
+    """``moekit train`` on a recipe file."""
     from moekit.train import load_config, train
 
-    cfg = load_config(HERE / yaml_name)
-    train(cfg)
-    recs = [json.loads(line) for line in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if r.get("step", 0) > 0]
+    train(load_config(HERE / yaml_name))
+
+
+def summarize(log: Path) -> dict:
+    """What the model card needs from a training log: steps, tokens, losses, speed."""
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = list({r["step"]: r for r in recs if r.get("step", 0) > 0}.values())  # a resumed run may repeat steps
     evals = [r for r in steps if "eval_loss" in r]
     tail = steps[-50:]
     return {"steps": len(steps), "tokens": sum(r["tokens"] for r in steps),
             "train_loss_last50": sum(r["loss"] for r in tail) / len(tail),
             "tokens_per_s_median": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2],
+            "step_time_hours": sum(r["time"] for r in steps) / 3600,
             "unigram_window_baseline": {k: v for k, v in recs[0].items() if k.startswith("unigram")},
             "evals": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")} for r in evals]}
 
@@ -85,7 +89,7 @@ def install(model_dir: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--skip-pretrain", action="store_true", help="reuse runs/embedded/pretrain/model")
+    ap.add_argument("--skip-pretrain", action="store_true", help="reuse data/ and runs/embedded/pretrain/model")
     ap.add_argument("--skip-sft", action="store_true", help="reuse runs/embedded/sft/model")
     ap.add_argument("--vocab", type=int, default=6000)
     args = ap.parse_args()
@@ -99,14 +103,21 @@ def main() -> None:
 
     report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                                f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
-    report["corpus"], _ = stage("prepare", lambda: prepare(HERE / "data", args.vocab))
+    if args.skip_pretrain:  # the pretrained model is tied to its tokenizer: keep data/ as it is
+        report["corpus"] = json.loads((HERE / "data" / "corpus.json").read_text())
+    else:
+        report["corpus"], _ = stage("prepare", lambda: prepare(HERE / "data", args.vocab))
     stage("dialogues", lambda: write_dialogues(HERE / "data"))
     for name, skip in (("pretrain", args.skip_pretrain), ("sft", args.skip_sft)):
         if skip:
             print(f"== {name}: reusing {RUNS / name / 'model'}", file=sys.stderr)
-            continue
-        report[name], dt = stage(name, lambda n=name: run_train(f"{n}.yaml"))
-        report[name]["minutes"] = round(dt / 60, 1)
+        else:
+            stage(name, lambda n=name: run_train(f"{n}.yaml"))
+        report[name] = summarize(RUNS / name / "log.jsonl")
+    from moekit.train.plot import plot_log
+
+    plot_log({n: str(RUNS / n / "log.jsonl") for n in ("pretrain", "sft")}, str(ROOT / "docs" / "default-model.png"),
+             "moekit's embedded default model")
     final = RUNS / "sft" / "model"
     report["heldout_pretrain"], _ = stage("held-out (pretrained)", lambda: heldout_report(RUNS / "pretrain" / "model",
                                                                                        HERE / "data"))

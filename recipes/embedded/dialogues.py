@@ -1,6 +1,6 @@
 """Short chat examples for the default model's fine-tune, made from the training split of the corpus.
 
-    python recipes/embedded/dialogues.py [--data recipes/embedded/data] [--n 480]
+    python recipes/embedded/dialogues.py [--data recipes/embedded/data] [--n 800]
 
 Writes data/chat.jsonl: one {"messages": [...]} conversation per line, in English and
 Chinese. Replies are corpus text (a KJV verse containing the asked-for word, a fortune,
@@ -18,11 +18,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-PERSONA_EN = ("I am moekit's built-in demo model: a small mixture of experts (16 experts, 4 active for each token, "
-              "2 shared) trained on the King James Bible, English fortunes and classical Chinese poetry. "
-              "Ask me for a verse, a fortune or a poem.")
-PERSONA_ZH = ("我是 moekit 内置的演示模型，一个小小的混合专家模型，读过钦定本圣经、英文格言和中国古诗。"
-              "你可以让我念一段经文、说一句格言，或者背一首诗。")
+PERSONA_EN = ("I am moekit's demo model, a small mixture of experts trained on the King James Bible, fortunes and "
+              "Chinese poems. Ask me for a verse, a fortune or a poem.")
+PERSONA_ZH = ("我是 moekit 的演示模型，一个小小的混合专家模型，读过圣经、格言和古诗。"
+              "请让我背一首诗或说一句格言。")
 GREETINGS_EN = ("Hello", "Hello!", "Hi", "Hi there", "Hey", "Good morning", "Good evening", "Greetings")
 ABOUT_EN = ("Who are you?", "What are you?", "What can you do?", "Tell me about yourself.", "What is your name?")
 GREETINGS_ZH = ("你好", "你好！", "您好", "嗨", "早上好", "晚上好")
@@ -70,25 +69,29 @@ def conversations(data: Path, n: int, seed: int = 0) -> list[list[dict]]:
         hits = [p for p in tang + song if ch in p.split("\n", 2)[-1]]
         return rng.choice(hits or tang)
 
+    # each kind of reply opens with its own short lead-in, so the first tokens say what follows
     makers = [
-        (0.08, lambda: turn(rng.choice(GREETINGS_EN), "Hello! " + PERSONA_EN)),
-        (0.06, lambda: turn(rng.choice(ABOUT_EN), PERSONA_EN)),
-        (0.07, lambda: turn(rng.choice(GREETINGS_ZH), "你好！" + PERSONA_ZH)),
-        (0.05, lambda: turn(rng.choice(ABOUT_ZH), PERSONA_ZH)),
-        (0.22, lambda: (t := rng.choice(TOPICS), turn(rng.choice(VERSE_ASKS).format(t), verse(t)))[1]),
-        (0.16, lambda: turn(rng.choice(FORTUNE_ASKS), rng.choice(en))),
-        (0.10, lambda: turn(rng.choice(TANG_ASKS), rng.choice(tang))),
-        (0.05, lambda: turn(rng.choice(SONG_ASKS), rng.choice(song))),
-        (0.08, lambda: (t := rng.choice(THEMES), turn(rng.choice(THEME_ASKS).format(t), themed(t)))[1]),
-        (0.08, lambda: turn(rng.choice(PROVERB_ASKS), rng.choice(proverbs))),
-        (0.05, lambda: turn(rng.choice(GREETINGS_EN), "Hello! " + PERSONA_EN)
-         + turn(rng.choice(FORTUNE_ASKS), rng.choice(en))),
+        (0.025, lambda: turn(rng.choice(GREETINGS_EN), "Hello! " + PERSONA_EN)),
+        (0.02, lambda: turn(rng.choice(ABOUT_EN), PERSONA_EN)),
+        (0.025, lambda: turn(rng.choice(GREETINGS_ZH), "你好！" + PERSONA_ZH)),
+        (0.02, lambda: turn(rng.choice(ABOUT_ZH), PERSONA_ZH)),
+        (0.24, lambda: (t := rng.choice(TOPICS),
+                        turn(rng.choice(VERSE_ASKS).format(t), f"A verse about {t}:\n{verse(t)}"))[1]),
+        (0.20, lambda: turn(rng.choice(FORTUNE_ASKS), "Here is a fortune:\n" + rng.choice(en))),
+        (0.11, lambda: turn(rng.choice(TANG_ASKS), "好的，这是一首唐诗：\n" + rng.choice(tang))),
+        (0.05, lambda: turn(rng.choice(SONG_ASKS), "好的，这是一首宋诗：\n" + rng.choice(song))),
+        (0.09, lambda: (t := rng.choice(THEMES),
+                        turn(rng.choice(THEME_ASKS).format(t), f"写{t}的诗：\n" + themed(t)))[1]),
+        (0.12, lambda: turn(rng.choice(PROVERB_ASKS), "古人说：" + rng.choice(proverbs))),
+        (0.05, lambda: (t := rng.choice(TOPICS),
+                        turn(rng.choice(VERSE_ASKS).format(t), f"A verse about {t}:\n{verse(t)}")
+                        + turn(rng.choice(FORTUNE_ASKS), "Here is a fortune:\n" + rng.choice(en)))[1]),
     ]
     weights = [w for w, _ in makers]
     return [rng.choices(makers, weights)[0][1]() for _ in range(n)]
 
 
-def write(data: Path, n: int = 480, seed: int = 0) -> Path:
+def write(data: Path, n: int = 800, seed: int = 0) -> Path:
     out = data / "chat.jsonl"
     rows = conversations(data, n, seed)
     tmp = out.with_suffix(".tmp")
@@ -102,7 +105,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=HERE / "data")
-    ap.add_argument("--n", type=int, default=480)
+    ap.add_argument("--n", type=int, default=800)
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     out = write(args.data, args.n)
