@@ -116,8 +116,8 @@ def main() -> None:
         report[name] = summarize(RUNS / name / "log.jsonl")
     from moekit.train.plot import plot_log
 
-    plot_log({n: str(RUNS / n / "log.jsonl") for n in ("pretrain", "sft")}, str(ROOT / "docs" / "default-model.png"),
-             "moekit's embedded default model")
+    plot_log({n: str(RUNS / n / "log.jsonl") for n in ("pretrain", "sft")},
+             str(ROOT / "docs" / "img" / "default-model.png"), "moekit's embedded default model")
     final = RUNS / "sft" / "model"
     report["heldout_pretrain"], _ = stage("held-out (pretrained)", lambda: heldout_report(RUNS / "pretrain" / "model",
                                                                                        HERE / "data"))
