@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", default="training.png", help="output PNG")
     pl.add_argument("--title", default="")
     pl.set_defaults(func=cmd_plot)
-    up = sub.add_parser("upcycle", help="turn a dense LLaMA-style checkpoint into experts (LLaMA-MoE, sparse upcycling)")
+    up = sub.add_parser("upcycle",
+                        help="turn a dense LLaMA-style checkpoint into experts (LLaMA-MoE, sparse upcycling)")
     up.add_argument("--model", required=True, help="dense checkpoint folder (LlamaForCausalLM layout)")
     up.add_argument("--out", required=True, help="output checkpoint folder")
     up.add_argument("--method", required=True, choices=["random", "cluster", "importance", "copy"],

@@ -27,6 +27,15 @@ MODEL = {"model_type": "xverse", "architectures": ["XverseForCausalLM"], "vocab_
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process reference runs with one thread, as each torchrun worker does (OMP_NUM_THREADS=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -61,7 +70,7 @@ def torchrun(nproc: int, runs: list[dict], tmp: Path) -> list[dict]:
     return torch.load(result, weights_only=True)
 
 
-def assert_same_run(got: dict, want: dict, what: str) -> None:
+def assert_same_run(got: dict, want: dict, what: str, resumed: bool = False) -> None:
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0,
                                msg=lambda m: f"{what}: losses differ\n{m}")
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(want["grad_norms"]), rtol=1e-5,
@@ -69,10 +78,13 @@ def assert_same_run(got: dict, want: dict, what: str) -> None:
     assert len(got["grads"]) == len(want["grads"])
     for step, (g, w) in enumerate(zip(got["grads"], want["grads"])):
         assert g.keys() == w.keys(), f"{what}: parameter names differ"
+        # relative L2 error per tensor: 1e-5 on the first step (same weights, same batch); later steps
+        # start from weights that float32 rounding through AdamW has already moved apart by ~1e-7,
+        # and their gradients differ by up to ~2e-5 from one launch to the next, hence 5e-5
+        limit = 1e-5 if step == 0 and not resumed else 5e-5
         for name in w:
-            scale = float(w[name].abs().max()) or 1.0
-            torch.testing.assert_close(g[name], w[name], rtol=1e-5, atol=1e-5 * scale,
-                                       msg=lambda m: f"{what}: step {step + 1} gradient of {name}\n{m}")
+            err = float((g[name] - w[name]).norm() / w[name].norm().clamp_min(1e-12))
+            assert err <= limit, f"{what}: step {step + 1} gradient of {name} differs by {err:.2e} (relative L2)"
 
 
 PLANS = {
@@ -114,5 +126,5 @@ def test_checkpoint_from_four_processes_resumes_on_one_and_two(base, tmp_path):
         run["optim"] = {**run["optim"], "fused": False}
         resumed[n] = run_one(run) if n == 1 else torchrun(2, [run], tmp_path)[0]
     tail = {"losses": full["losses"][3:], "grad_norms": full["grad_norms"][3:], "grads": full["grads"][3:]}
-    assert_same_run(resumed[1], tail, "resumed on 1 process")
-    assert_same_run(resumed[2], tail, "resumed on 2 processes")
+    assert_same_run(resumed[1], tail, "resumed on 1 process", resumed=True)
+    assert_same_run(resumed[2], tail, "resumed on 2 processes", resumed=True)
