@@ -17,12 +17,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from moekit.weights.io import atomic_write
 
 
 @dataclass
@@ -79,14 +80,7 @@ def _fingerprint(source: Source, tokenizer_key: str) -> str:
 
 
 def _write_array(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arr.tofile(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, arr.tofile, binary=True)
 
 
 def build_shard(source: Source, encode, eos_id: int, vocab_size: int, cache_dir: str | Path,

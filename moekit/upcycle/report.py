@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from moekit.config import count_params
 from moekit.models import MoEDecoder
 from moekit.upcycle.assemble import LayerPlan
 from moekit.upcycle.options import UpcycleOptions
+from moekit.weights.io import atomic_write_text
 
 
 def build_report(o: UpcycleOptions, dense: MoEDecoder, model: MoEDecoder, plans: list[LayerPlan],
@@ -74,25 +73,14 @@ def to_markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(rep: dict, folder: str | Path) -> list[Path]:
     """``upcycle_report.json``, ``upcycle_report.md`` and (partitions) ``upcycle_partition.json``
     with the neuron indices of every expert, in ``folder``; each written atomically."""
     folder = Path(folder)
     out = [folder / "upcycle_report.json", folder / "upcycle_report.md"]
-    _atomic_write(out[0], json.dumps({k: v for k, v in rep.items() if k != "partition"}, indent=1) + "\n")
-    _atomic_write(out[1], to_markdown(rep))
+    atomic_write_text(out[0], json.dumps({k: v for k, v in rep.items() if k != "partition"}, indent=1) + "\n")
+    atomic_write_text(out[1], to_markdown(rep))
     if "partition" in rep:
         out.append(folder / "upcycle_partition.json")
-        _atomic_write(out[2], json.dumps(rep["partition"], separators=(",", ":")) + "\n")
+        atomic_write_text(out[2], json.dumps(rep["partition"], separators=(",", ":")) + "\n")
     return out

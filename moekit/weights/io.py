@@ -106,13 +106,19 @@ def iter_shard(path: Path, window_bytes: int = 64 << 20) -> Iterator[tuple[str, 
         raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a part."""
+def atomic_write(path: Path, write, binary: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``:
+    readers see the old or the new content, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
