@@ -5,6 +5,7 @@ reference path cannot pass for the fast path.
 """
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -141,3 +142,40 @@ def test_autograd_uses_the_reference_path():
     w = torch.randn(8, 16, requires_grad=True)
     cpu.linear(x, w).sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping of this process that holds ``address`` (from /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="this kernel has no transparent huge pages")
+def test_advise_weights_marks_large_tensors_for_huge_pages():
+    big = torch.empty(16 << 20, dtype=torch.uint8)  # fresh mmap: its own mapping
+    small = torch.empty(1 << 20, dtype=torch.uint8)
+    cpu.advise_weights([big, small])
+    assert "hg" in _vm_flags(big.data_ptr() + (8 << 20))  # MADV_HUGEPAGE took effect on the large one
+    big.fill_(1)  # the memory stays ordinary, writable memory
+    assert int(big.sum()) == 16 << 20
+
+
+def test_the_loader_advises_weights_of_a_cpu_backend_model(tmp_path, monkeypatch):
+    import moekit
+    from moekit.config import MoEConfig, ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_width=16))
+    moekit.save(moekit.MoEDecoder(cfg), tmp_path, family="mixtral")
+    seen = []
+    monkeypatch.setattr(cpu, "advise_weights", lambda ts: seen.extend(t.data_ptr() for t in ts))
+    model = moekit.load(tmp_path, kernels="cpu")
+    assert set(seen) == {p.data_ptr() for p in model.parameters()}

@@ -2,7 +2,8 @@
 
 A backend is a namespace with the functions of :mod:`moekit.kernels.reference`
 (``linear``, ``mlp``, ``route``, ``moe_experts``,
-``rms_norm``, ``attention``, ``rotary``). It is chosen once, when a
+``rms_norm``, ``attention``, ``rotary``; optionally ``advise_weights``, called on
+freshly allocated, not yet filled weights by the loader). It is chosen once, when a
 model is built (``MoEDecoder(cfg, kernels=...)``), never per call:
 
 - ``reference``: plain PyTorch, the numerical spec and the training path;
@@ -29,7 +30,11 @@ AUTO_MIN_PARAMS = 50_000_000
 def _namespace(name: str, module) -> SimpleNamespace:
     return SimpleNamespace(name=name, linear=module.linear, mlp=module.mlp, moe_experts=module.moe_experts,
                            rms_norm=module.rms_norm, attention=module.attention, rotary=module.rotary,
-                           route=module.route)
+                           route=module.route, advise_weights=getattr(module, "advise_weights", _no_advice))
+
+
+def _no_advice(tensors) -> None:
+    """Backends without a memory layout preference for freshly allocated weights."""
 
 
 def _triton(name: str) -> SimpleNamespace:

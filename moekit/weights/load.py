@@ -54,6 +54,7 @@ def materialize(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     with torch.device("meta"):
         model = MoEDecoder(cfg, kernels=kernels, device=device)
     model = model.to(dtype=dtype).to_empty(device=device)
+    model.kernels.advise_weights(model.parameters())  # before the first write touches the pages
     model.reset_buffers()
     for module in model.modules():
         if getattr(module, "padded", False):
