@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -113,19 +114,26 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // memory (at ~45 GB/s and ~900 GFLOP/s the two balance near 4 tokens), plus one unit per token.
 constexpr double ITEM_COST = 4.0;
 
-// Run fn(i0, i1) over [0, n) split into one contiguous range per thread of (nearly) equal total cost.
-// Items are ordered by expert, and routing can be very uneven, so splitting by count would idle a thread.
+// Run fn(i0, i1) over [0, n) in contiguous chunks of (nearly) equal total cost, CHUNKS per thread,
+// handed out in order to whichever thread is free. Items are ordered by expert and routing can be very
+// uneven, so splitting by count would idle a thread; and on a shared or virtual machine a thread can
+// stall, so a fixed split by cost would idle the other. Each item writes its own outputs: the result
+// does not depend on which thread ran it.
+constexpr int64_t CHUNKS = 8;
+
 template <typename Fn>
 void balanced_for(const std::vector<double>& cost, Fn fn) {
-  const int64_t n = cost.size(), parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t n = cost.size(), threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads * (threads > 1 ? CHUNKS : 1), n));
   std::vector<double> prefix(n + 1, 0.0);
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost[i];
   std::vector<int64_t> cut(parts + 1, n);
   cut[0] = 0;
   for (int64_t p = 1; p < parts; ++p)
     cut[p] = std::lower_bound(prefix.begin(), prefix.end(), prefix[n] * p / parts) - prefix.begin();
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, parts), 1, [&](int64_t, int64_t) {
+    for (int64_t p = next++; p < parts; p = next++)
       if (cut[p] < cut[p + 1]) fn(cut[p], cut[p + 1]);
   });
 }
