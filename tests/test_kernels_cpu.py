@@ -161,7 +161,7 @@ def _vm_flags(address: int) -> list[str]:
                     reason="this kernel has no transparent huge pages")
 def test_advise_weights_marks_large_tensors_for_huge_pages():
     big = torch.empty(16 << 20, dtype=torch.uint8)  # fresh mmap: its own mapping
-    small = torch.empty(1 << 20, dtype=torch.uint8)
+    small = torch.empty(1 << 20, dtype=torch.uint8)  # below 2 huge pages: left alone, no error
     cpu.advise_weights([big, small])
     assert "hg" in _vm_flags(big.data_ptr() + (8 << 20))  # MADV_HUGEPAGE took effect on the large one
     big.fill_(1)  # the memory stays ordinary, writable memory

