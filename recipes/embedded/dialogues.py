@@ -92,11 +92,11 @@ def conversations(data: Path, n: int, seed: int = 0) -> list[list[dict]]:
 
 
 def write(data: Path, n: int = 800, seed: int = 0) -> Path:
+    from moekit.weights.io import atomic_write_text
+
     out = data / "chat.jsonl"
     rows = conversations(data, n, seed)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in rows), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in rows))
     return out
 
 

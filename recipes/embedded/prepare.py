@@ -107,18 +107,12 @@ def is_heldout(i: int, fraction: float = HELDOUT) -> bool:
     return bool(every) and i % every == every - 1
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def prepare(out: Path, vocab: int) -> dict:
     """Write {kjv,en,zh}.txt and tokenizer/ under ``out``; returns the corpus statistics."""
     from moekit.chat import TEMPLATES
     from moekit.tokenizer import Tokenizer
     from moekit.train.bpe import train_bpe
+    from moekit.weights.io import atomic_write_text
 
     ensure_packages()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +122,7 @@ def prepare(out: Path, vocab: int) -> dict:
         train_files = []
         for name, docs in corpus.items():
             assert all(d.strip() == d and d and SEPARATOR not in d for d in docs), name
-            write_atomic(out / f"{name}.txt", SEPARATOR.join(docs) + "\n")
+            atomic_write_text(out / f"{name}.txt", SEPARATOR.join(docs) + "\n")
             train_files.append(Path(tmp) / f"{name}.txt")
             train_files[-1].write_text("\n\n".join(d for i, d in enumerate(docs) if not is_heldout(i)))
         train_bpe(train_files, out / "tokenizer", vocab, specials=SPECIALS, chat_template=TEMPLATES["xverse-moe"],
@@ -144,7 +138,7 @@ def prepare(out: Path, vocab: int) -> dict:
         s["characters_per_token"] = round(s["characters"] / (s["train_tokens"] + s["heldout_tokens"]), 3)
         stats["sources"][name] = s
     stats["vocab_size"] = tok.vocab_size
-    write_atomic(out / "corpus.json", json.dumps(stats, indent=2))
+    atomic_write_text(out / "corpus.json", json.dumps(stats, indent=2))
     return stats
 
 
