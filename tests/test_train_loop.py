@@ -113,14 +113,20 @@ def test_sigterm_saves_and_stops(workdir):
 
 @pytest.mark.slow
 def test_balancing_reduces_expert_imbalance(workdir):
-    """Balance loss or bias balancing against neither: expert load ends up flatter."""
+    """Balance loss or bias balancing against neither: expert load ends up flatter.
+
+    Averaged over three seeds: at this size one seed's unbalanced run can land fairly flat
+    by chance (imbalance 1.7 at seed 0, 1.9-2.5 at seeds 1-4)."""
     runs = {"off": {"model.overrides": {"moe": {"aux_loss": "none"}}},
             "aux": {"model.overrides": {"moe": {"aux_loss_coef": 0.1}}},
             "bias": {"model.overrides": {"moe": {"aux_loss": "none", "bias_balance": True, "bias_update_rate": 0.01}}}}
-    imbalance = {}
+    seeds = (0, 1, 2)
+    imbalance = dict.fromkeys(runs, 0.0)
     for name, over in runs.items():
-        train(load_config(run_file(workdir, f"bal-{name}", steps=60, eval_every=0, save_every=0, export=False,
-                                   **over)))
-        tail = [r for r in read_log(workdir / f"bal-{name}") if r["step"] > 40]
-        imbalance[name] = sum(sum(r["imbalance"]) / len(r["imbalance"]) for r in tail) / len(tail)
+        for seed in seeds:
+            run = f"bal-{name}-{seed}"
+            train(load_config(run_file(workdir, run, seed=seed, steps=60, eval_every=0, save_every=0, export=False,
+                                       **over)))
+            tail = [r for r in read_log(workdir / run) if r["step"] > 40]
+            imbalance[name] += sum(sum(r["imbalance"]) / len(r["imbalance"]) for r in tail) / len(tail) / len(seeds)
     assert imbalance["aux"] < imbalance["off"] - 0.1 and imbalance["bias"] < imbalance["off"] - 0.1, imbalance
