@@ -1,10 +1,16 @@
 """Chat formats: each family's built-in format as a Jinja template, rendered like transformers does.
 
 A ``chat_template`` in the checkpoint's tokenizer_config.json takes precedence;
-otherwise the family's own format is used (sources in docs/generation.md):
+otherwise the family's own format is used (sources in docs/generation.md).
 
-- xverse-moe: XVERSE-MoE-Chat's ``_build_chat_input``: ``system: ..\\n``, ``user: ..\\n``,
-  past replies ``assistant: ..<eos>``, prompt ends ``assistant: ``.
+A template may cut its output into pieces with ``{{ piece }}``: each piece is then
+tokenised on its own and the ids are concatenated (per-piece encoding), as a model's
+own prompt builder does when it calls ``tokenizer.encode`` once per fragment. An
+assistant message may carry ``token_ids`` (the ids the model produced): where its
+content is a piece of its own, those ids are used verbatim.
+
+- xverse-moe: XVERSE-MoE-Chat's ``_build_chat_input``, per piece: ``system: `` | ``S\\n``,
+  ``user: `` | ``U\\n``, past replies ``assistant: `` | ``R`` | eos, prompt ends ``assistant: ``.
 - chatml: ``<|im_start|>role\\n..<|im_end|>\\n`` (APUS-xDAN with llama.cpp ``--chatml``, Qwen).
 - orion: ``<s>Human: ..\\n\\nAssistant: </s>..</s>``; a system message is merged into the first user turn.
 - vicuna: Vicuna v1.1 as LLaMA-MoE's SFT code builds it (``smoe/utils/conversation.py``).
@@ -13,7 +19,12 @@ otherwise the family's own format is used (sources in docs/generation.md):
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
+
+log = logging.getLogger("moekit")
+PIECE = "\ue000moekit:piece\ue000"  # rendered for {{ piece }}; never inside message content
+REPLY = "\ue001"  # brackets a placeholder for an assistant message's token_ids while rendering
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -21,10 +32,12 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 TEMPLATES = {
     "xverse-moe": (
         "{% for m in messages %}"
-        "{% if m.role == 'system' %}{{ 'system: ' + m.content + '\\n' }}"
-        "{% elif m.role == 'user' %}{{ 'user: ' + m.content + '\\n' }}"
-        "{% elif m.role in ('exec', 'tool') %}{{ 'exec: ' + m.content + '\\n' }}"
-        "{% elif m.role == 'assistant' %}{{ 'assistant: ' + m.content + eos_token }}"
+        "{% if m.role == 'system' %}{% if not loop.first %}"
+        "{{ raise_exception('a system message must be the first message (XVERSE _build_chat_input)') }}{% endif %}"
+        "{{ 'system: ' + piece + m.content + '\\n' + piece }}"
+        "{% elif m.role == 'user' %}{{ 'user: ' + piece + m.content + '\\n' + piece }}"
+        "{% elif m.role in ('exec', 'tool') %}{{ 'exec: ' + piece + m.content + '\\n' + piece }}"
+        "{% elif m.role == 'assistant' %}{{ 'assistant: ' + piece + m.content + piece + eos_token + piece }}"
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"),
     "chatml": (
@@ -98,6 +111,8 @@ def check_messages(messages) -> list[dict]:
             raise ChatError(f"messages[{i}].role={m['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ChatError(f"messages[{i}].content must be a string")
+        if PIECE in content or REPLY in content:
+            raise ChatError(f"messages[{i}].content contains moekit's private-use marker {PIECE!r} or {REPLY!r}")
         out.append({**m, "content": content})
     return out
 
@@ -115,22 +130,50 @@ class ChatFormat:
         bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
         if name is None and tokenizer.chat_template:
             return cls(tokenizer.chat_template, bos, eos, "tokenizer_config.json")
+        fallback = name is None
         name = name or FAMILY_FORMATS.get(family or "")
         if name not in TEMPLATES:
             raise ChatError(f"no chat format for this model: the tokenizer has no chat_template and family "
                             f"{family!r} has no built-in format; choose one of {', '.join(TEMPLATES)}")
+        if fallback and name == "chatml" and tokenizer.token_to_id("<|im_start|>") is None:
+            log.warning("chat format: this %s checkpoint has no chat_template and <|im_start|> is not a token of "
+                        "its vocabulary, so the fallback ChatML markers are encoded as plain text; pass "
+                        "--chat-format (chat_format=) or add a chat_template to tokenizer_config.json", family)
         return cls(TEMPLATES[name], bos, eos, name)
 
-    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+    def _render(self, messages, add_generation_prompt: bool, **kwargs) -> str:
         from jinja2 import TemplateError
 
         try:
-            return _compile(self.template).render(messages=check_messages(messages), bos_token=self.bos_token,
-                                                  eos_token=self.eos_token,
+            return _compile(self.template).render(messages=messages, bos_token=self.bos_token,
+                                                  eos_token=self.eos_token, piece=PIECE,
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
         except TemplateError as e:
             raise ChatError(f"chat template ({self.name}) failed: {e}") from None
 
+    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt as one string (piece boundaries removed)."""
+        return self._render(check_messages(messages), add_generation_prompt, **kwargs).replace(PIECE, "")
+
     def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids; special-token strings in the rendered text become their ids, no extra BOS."""
-        return tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False)
+        """Prompt ids: each piece encoded on its own, special-token strings mapped to ids, no extra BOS.
+
+        An assistant message's ``token_ids`` replace its content where the content is a whole piece.
+        """
+        messages = check_messages(messages)
+        given = {}  # placeholder -> (content, ids) of assistant messages that carry token_ids
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and m.get("token_ids") is not None:
+                key = f"{REPLY}{i}{REPLY}"
+                given[key] = (m["content"], [int(t) for t in m["token_ids"]])
+                messages[i] = {**m, "content": key}
+        ids = []
+        for part in self._render(messages, add_generation_prompt).split(PIECE):
+            if part in given:
+                ids.extend(given[part][1])
+                continue
+            for key, (content, _) in given.items():  # a reply inside a larger piece is re-encoded as text
+                part = part.replace(key, content)
+            if part:
+                ids.extend(tokenizer.encode(part, add_special_tokens=False))
+        return ids

@@ -98,10 +98,28 @@ def _load(args: argparse.Namespace):
     return lm
 
 
-def _sampling(lm, args: argparse.Namespace):
+def _sampling(lm, args: argparse.Namespace, prompt_tokens: int):
+    """Flags over generation_config.json; a default max_new_tokens is clamped to the context's room."""
     kw = {name: getattr(args, name) for name in SAMPLING_FLAGS}
-    return lm.sampling(**kw, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
+    return lm.sampling(prompt_tokens, **kw, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
                        ignore_eos=args.ignore_eos)
+
+
+def _chat_ids(lm, messages: list[dict], args: argparse.Namespace) -> list[int]:
+    """Prompt ids from the chat format; a template that refuses system messages is reported as --system's."""
+    from moekit.chat import ChatError
+
+    try:
+        return lm.chat_format.encode(lm.tokenizer, messages)
+    except ChatError as e:
+        if args.system and messages[0]["role"] == "system":
+            try:
+                lm.chat_format.encode(lm.tokenizer, messages[1:])
+            except ChatError:
+                raise e from None
+            raise UsageError(f"--system: the chat format ({lm.chat_format.name}) does not accept a system message "
+                             f"({e}); leave out --system or choose another --chat-format") from None
+        raise
 
 
 def _print_stream(pieces) -> str:
@@ -117,12 +135,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from moekit.engine import TextGenerator
 
     lm = _load(args)
-    params = _sampling(lm, args)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = lm.chat_format.encode(lm.tokenizer, msgs + [{"role": "user", "content": args.prompt}])
+        ids = _chat_ids(lm, msgs + [{"role": "user", "content": args.prompt}], args)
     else:
         ids = lm.tokenizer.encode(args.prompt)
+    params = _sampling(lm, args, len(ids))
     gen = TextGenerator(lm.engine, lm.tokenizer)
     if args.stream:
         _print_stream(ev.text for ev in gen.stream([ids], params))
@@ -131,12 +149,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    """Multi-turn chat. Past replies keep the ids the model produced (``token_ids`` on the assistant
+    message), so a per-piece format such as XVERSE's puts exactly those ids in the next prompt; their
+    text is ``decode(ids)``, what was printed, for formats that render one string."""
     from moekit.engine import TextGenerator
 
     lm = _load(args)
-    params = _sampling(lm, args)
     gen = TextGenerator(lm.engine, lm.tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    if system:
+        _chat_ids(lm, system + [{"role": "user", "content": "x"}], args)  # refuse --system before the first turn
     history: list[dict] = []
     print("chat with the model; /reset starts over, /exit quits", file=sys.stderr)
     while True:
@@ -154,9 +176,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = lm.chat_format.encode(lm.tokenizer, system + history)
-        reply = _print_stream(ev.text for ev in gen.stream([ids], params))
-        history.append({"role": "assistant", "content": reply})
+        ids = _chat_ids(lm, system + history, args)
+        text, reply_ids, last = "", [], None
+        for last in gen.stream([ids], _sampling(lm, args, len(ids))):
+            text += last.text
+            reply_ids.append(last.token_id)
+            print(last.text, end="", flush=True)
+        print()
+        reply = {"role": "assistant", "content": text}
+        if last.finish_reason == "stop" and isinstance(last.stop_reason, int):
+            reply_ids.pop()  # the end-of-turn id: the format writes its own after the reply
+        if not isinstance(last.stop_reason, str):  # a stop string cuts the text between ids: keep the text
+            reply["token_ids"] = reply_ids
+        history.append(reply)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -259,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    notes = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
+    notes.setFormatter(logging.Formatter(f"moekit {args.command}: note: %(message)s"))
+    logging.getLogger("moekit").addHandler(notes)
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -268,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, CheckpointError, ValueError) as e:
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("moekit").removeHandler(notes)
     return 0
 
 

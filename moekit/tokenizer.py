@@ -2,7 +2,8 @@
 
 Special tokens, BOS/EOS handling and the chat template come from the folder's
 ``tokenizer_config.json`` / ``special_tokens_map.json`` (and ``config.json``
-ids as a fallback), as transformers reads them.
+ids as a fallback), as transformers reads them. ``"legacy": false`` on a
+SentencePiece model is honoured as transformers 4.x's LlamaTokenizer does it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,52 @@ def _read(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, i
+
+
+def _to_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def without_dummy_prefix(proto: bytes) -> bytes:
+    """A SentencePiece ModelProto with ``normalizer_spec.add_dummy_prefix = false``, edited on the wire
+    (field 3 of field 3; protobuf keeps the last value of a repeated scalar), so no protobuf dependency."""
+    out, i, found = bytearray(), 0, False
+    while i < len(proto):
+        start = i
+        key, i = _varint(proto, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(proto, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            n, body = _varint(proto, i)
+            i = body + n
+            if key >> 3 == 3:  # normalizer_spec
+                spec = proto[body:i] + b"\x18\x00"
+                out += _to_varint(key) + _to_varint(len(spec)) + spec
+                found = True
+                continue
+        else:
+            raise TokenizerError(f"tokenizer.model: unexpected protobuf wire type {wire}")
+        out += proto[start:i]
+    return bytes(out if found else out + b"\x1a\x02\x18\x00")
 
 
 class Tokenizer:
@@ -60,6 +107,15 @@ class Tokenizer:
         self.chat_template: str | None = template
         specials_text = sorted({*self.added, *(s for s in specials.values() if s)}, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, specials_text)) + ")") if specials_text else None
+        # transformers 4.x LlamaTokenizer with legacy=False: no dummy prefix after special tokens (below)
+        self.legacy = kind != "sentencepiece" or config.get("legacy") is not False
+        if not self.legacy:
+            import sentencepiece as spm
+
+            self._plain = spm.SentencePieceProcessor(model_proto=without_dummy_prefix(backend.serialized_model_proto()))
+            self._unk = specials["unk_token"] or "<unk>"
+            self._unk_len = len(self._plain.encode(self._unk))
+            self._prefix_space = config.get("add_prefix_space", True)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Tokenizer:
@@ -118,17 +174,42 @@ class Tokenizer:
         if self.kind == "tokenizers":
             ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         else:
-            ids = []
-            for part in self._split.split(text) if self._split else [text]:
-                if not part:
-                    continue
-                special = self.token_to_id(part) if part in self.added or part in (self.bos_token, self.eos_token) else None
-                ids.extend([special] if special is not None else self.backend.encode(part, out_type=int))
+            ids = self._encode_sp(text)
         if add_special_tokens:
             if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
                 ids.insert(0, self.bos_token_id)
             if self.add_eos and self.eos_token_id is not None and (not ids or ids[-1] != self.eos_token_id):
                 ids.append(self.eos_token_id)
+        return ids
+
+    def _encode_sp(self, text: str) -> list[int]:
+        """Slow-tokenizer semantics: special-token strings split the text, each segment is encoded on its own.
+
+        legacy (the default): every segment gets SentencePiece's dummy-prefix ``▁``.
+        legacy=False (transformers 4.x LlamaTokenizer): ``▁`` is prepended once to the whole text, no segment
+        gets a dummy prefix, and a segment starting with a space is encoded as ``unk + segment`` with the unk
+        pieces removed (so its leading space is kept as ``▁`` the way it would be inside a sentence).
+        """
+        if not self.legacy and text:
+            text = text.replace("\u2581", " ")
+            if self._prefix_space:
+                text = "\u2581" + text
+        ids, specials = [], []
+        for part in self._split.split(text) if self._split else [text]:
+            if not part:
+                continue
+            special = self.token_to_id(part) if part in self.added or part in (self.bos_token, self.eos_token) else None
+            if special is not None:
+                ids.append(special)
+                specials.append(len(ids) - 1)
+            elif self.legacy:
+                ids.extend(self.backend.encode(part, out_type=int))
+            elif not part.startswith(("\u2581", " ")):
+                ids.extend(self._plain.encode(part, out_type=int))
+            else:
+                ids.extend(self._plain.encode(self._unk + part, out_type=int)[self._unk_len:])
+        if not self.legacy and len(ids) > 1 and 1 in specials and self.backend.id_to_piece(ids[0]) == "\u2581":
+            ids = ids[1:]  # the prefix "▁" before a leading special token is dropped, as transformers does
         return ids
 
     def __call__(self, text: str | list[str], return_tensors: str | None = None,
@@ -178,21 +259,31 @@ class Encoding(dict):
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, never emitting a broken character.
+    """Turns a growing list of generated token ids into text deltas that concatenate to ``decode(ids)``.
 
-    Decodes a small window that starts a few tokens back (so SentencePiece
-    spacing is right) and holds text back while it ends in U+FFFD, i.e. while a
-    multi-byte character is still arriving as byte-fallback pieces.
+    It starts from the first generated id, not from the prompt: a reply's first token ``▁Hello``
+    decodes as "Hello", as ``decode(reply_ids)`` has it. Each step decodes a small window that
+    starts at the previous emission (so SentencePiece / Metaspace spacing is right) and holds
+    text back while it ends in U+FFFD, i.e. while a multi-byte character is still arriving as
+    byte pieces. A ``tokenizer.json`` ByteFallback decoder turns a whole run of byte pieces into
+    U+FFFDs when any of it is invalid UTF-8, so with such a tokenizer text is also held while the
+    last id is a byte piece. Skipped special ids are dropped on arrival, as ``decode`` drops them.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tok, self.skip = tokenizer, skip_special_tokens
-        self.ids = list(prompt_ids or [])[-6:]
-        self.prefix, self.read = 0, len(self.ids)
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.byte_ids = _byte_run_ids(tokenizer)
 
     def step(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
-        self.ids.append(int(token_id))
+        token_id = int(token_id)
+        if self.skip and token_id in self.tok.special_ids:
+            return ""
+        self.ids.append(token_id)
+        if token_id in self.byte_ids:
+            return ""
         before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
         after = self.tok.decode(self.ids[self.prefix:], self.skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -206,3 +297,11 @@ class IncrementalDecoder:
         after = self.tok.decode(self.ids[self.prefix:], self.skip)
         self.prefix = self.read = len(self.ids)
         return after[len(before):]
+
+
+def _byte_run_ids(tok: Tokenizer) -> frozenset[int]:
+    """Ids of ``<0xNN>`` pieces when a tokenizer.json decodes byte runs all-or-nothing (ByteFallback)."""
+    if tok.kind != "tokenizers" or "ByteFallback" not in repr(tok.backend.decoder):
+        return frozenset()
+    ids = (tok.backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)

@@ -93,3 +93,46 @@ def write_hf_bpe(folder: Path, vocab_size: int = 400, bos="<|startoftext|>", eos
     if chat_template:
         cfg["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+XVERSE_SPECIALS = ("<sep>", "<pad>", "<|startoftext|>", "<|endoftext|>", "<|endofprompt|>", "<|endofknowledge|>")
+# XVERSE-MoE-A4.2B-Chat's tokenizer.json pipeline, spelled as the published file spells it
+XVERSE_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},
+    {"type": "Digits", "individual_digits": True},
+    {"type": "Punctuation", "behavior": "Isolated"}]}
+XVERSE_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}, {"type": "ByteFallback"}]}
+
+
+def write_xverse(folder: Path, vocab_size: int = 700) -> None:
+    """XVERSE-MoE's ``tokenizer.json`` pipeline with a small trained vocabulary.
+
+    As published: added tokens ``<sep> <pad> <|startoftext|> <|endoftext|> <|endofprompt|>
+    <|endofknowledge|>`` at ids 0-5; no normalizer; pre-tokenizer Metaspace (add_prefix_space,
+    i.e. prepend_scheme "always"), Digits (individual), Punctuation (isolated); no post-processor
+    (so no BOS); decoder Metaspace + ByteFallback; BPE with byte_fallback and ``<0xNN>`` pieces.
+    ``special_tokens_map.json`` names bos/eos/pad as the checkpoint's does (ids 2/3/1).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(prepend_scheme="always"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation("isolated")])
+    words = ["system: ", "user: ", "assistant: ", "exec: ", "Be brief.", "Hello!", "2+2?"] * 20
+    tok.train_from_iterator(_common_chars_only(TEXT, 80) + words,
+                            trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=list(XVERSE_SPECIALS)))
+    spec = json.loads(tok.to_str())
+    for b in range(256):
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    spec["model"].update(byte_fallback=True, fuse_unk=False, unk_token=None)
+    spec.update(normalizer=None, pre_tokenizer=XVERSE_PRE_TOKENIZER, post_processor=None, decoder=XVERSE_DECODER)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    assert [Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(s) for s in XVERSE_SPECIALS] == \
+        list(range(6))
+    special = {k: {"content": v, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+               for k, v in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"), ("pad_token", "<pad>"))}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))

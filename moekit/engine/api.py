@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from moekit.tokenizer import Tokenizer
 
 # generation_config.json keys that map onto SamplingParams (transformers' names)
 GEN_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
+log = logging.getLogger("moekit")
 
 
 class CausalLM:
@@ -41,6 +43,7 @@ class CausalLM:
         self.engine = Engine(model, eos_token_ids=sorted(eos))
         self._chat_format_name = chat_format
         self._chat_format: ChatFormat | None = None
+        self._clamp_noted = False
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device: str = "cpu", kernels: str = "auto",
@@ -61,15 +64,35 @@ class CausalLM:
             self._chat_format = ChatFormat.for_model(self.tokenizer, self.model.config.family, self._chat_format_name)
         return self._chat_format
 
-    def sampling(self, **kw) -> SamplingParams:
-        """SamplingParams from generation_config.json defaults overridden by keyword arguments."""
+    def sampling(self, prompt_tokens: int | None = None, **kw) -> SamplingParams:
+        """SamplingParams from generation_config.json defaults overridden by keyword arguments.
+
+        With ``prompt_tokens``, a default ``max_new_tokens`` (generation_config.json's, or
+        SamplingParams') is clamped to the room the context leaves (XVERSE-MoE publishes 20480
+        for an 8192 context); an explicit ``max_new_tokens`` is kept, and the engine refuses it
+        if it does not fit.
+        """
         base = {k: self.generation_config[k] for k in GEN_KEYS if self.generation_config.get(k) is not None}
         if not self.generation_config.get("do_sample", True):
             base["temperature"] = 0.0
+        explicit = kw.get("max_new_tokens") is not None
         base.update({k: v for k, v in kw.items() if v is not None})
         if isinstance(base.get("stop_token_ids"), int):
             base["stop_token_ids"] = (base["stop_token_ids"],)
-        return SamplingParams(**base)
+        params = SamplingParams(**base)
+        cfg = self.model.config
+        if prompt_tokens is None or explicit or cfg.rope_scaling is not None:
+            return params
+        room = cfg.max_position_embeddings - prompt_tokens
+        if 1 <= room < params.max_new_tokens:
+            if not self._clamp_noted:
+                source = "generation_config.json" if "max_new_tokens" in base else "the default"
+                log.warning("max_new_tokens=%d (%s) does not fit the context: %d prompt tokens of %d leave room for "
+                            "%d; generating at most that many (pass max_new_tokens / --max-new-tokens to choose)",
+                            params.max_new_tokens, source, prompt_tokens, cfg.max_position_embeddings, room)
+                self._clamp_noted = True
+            params = SamplingParams(**{**base, "max_new_tokens": room})
+        return params
 
     # -- transformers-style generate -----------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
@@ -108,7 +131,7 @@ class CausalLM:
     def complete(self, prompt: str, stream: bool = False, **sampling) -> str | Iterator[str]:
         """Continue ``prompt``; a string, or a generator of text deltas with ``stream=True``."""
         ids = self.tokenizer.encode(prompt)
-        return self._text(ids, self.sampling(**sampling), stream)
+        return self._text(ids, self.sampling(len(ids), **sampling), stream)
 
     def chat(self, tokenizer: Tokenizer | None, messages, stream: bool = False, streaming: bool | None = None,
              **sampling) -> str | Iterator[str]:
@@ -118,7 +141,7 @@ class CausalLM:
         """
         tok = tokenizer or self.tokenizer
         ids = self.chat_format.encode(tok, messages)
-        return self._text(ids, self.sampling(**sampling), stream if streaming is None else streaming)
+        return self._text(ids, self.sampling(len(ids), **sampling), stream if streaming is None else streaming)
 
     def _text(self, ids: list[int], params: SamplingParams, stream: bool):
         gen = TextGenerator(self.engine, self.tokenizer)

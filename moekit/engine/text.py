@@ -3,7 +3,8 @@
 Stop strings are matched on the decoded text, so they may span token
 boundaries. While the tail of the text could still become a stop string it is
 held back, so a stream never emits text that is later cut; streamed deltas
-always concatenate to the final text.
+always concatenate to the final text, which is ``tokenizer.decode(token_ids)``
+(cut at a stop string): no space before the first word of a reply.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class TextCompletion:
 
 
 class _Row:
-    def __init__(self, tok: Tokenizer, prompt: list[int], params: SamplingParams):
-        self.decoder = IncrementalDecoder(tok, prompt)
+    def __init__(self, tok: Tokenizer, params: SamplingParams):
+        self.decoder = IncrementalDecoder(tok)
         self.stops, self.text, self.sent = params.stop, "", 0
         self.longest = max((len(s) for s in self.stops), default=0)
 
@@ -76,7 +77,7 @@ class TextGenerator:
 
     def stream(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> Iterator[TextEvent]:
         prompts, params = self.engine._check(prompts, params)
-        rows = [_Row(self.tokenizer, p, sp) for p, sp in zip(prompts, params)]
+        rows = [_Row(self.tokenizer, sp) for sp in params]
         steps = self.engine.stream(prompts, params)
         for events in steps:
             for ev in events:
