@@ -183,3 +183,59 @@ def test_cli_runs_with_the_published_generation_config(xverse, capsys):
     assert cli.main(["generate", "--model", str(xverse), "--prompt", "Hello", "--kernels", "reference",
                      "--max-new-tokens", "100"]) == 2
     assert "max_new_tokens=100 exceed the model's context of 64" in capsys.readouterr().err
+
+
+def test_cli_chat_puts_the_produced_reply_ids_in_the_next_prompt(xverse, monkeypatch, capsys):
+    from moekit import cli
+    from moekit.engine import text
+
+    prompts, replies = [], []
+    real = text.TextGenerator.stream
+
+    def spy(self, prompts_, params):
+        prompts.append(list(prompts_[0]))
+        replies.append([])
+        for ev in real(self, prompts_, params):
+            replies[-1].append(ev.token_id)
+            yield ev
+
+    monkeypatch.setattr(text.TextGenerator, "stream", spy)
+    lines = iter(["Hello", "again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert cli.main(["chat", "--model", str(xverse), "--max-new-tokens", "6", "--temperature", "0.9", "--seed", "1",
+                     "--kernels", "reference", "--ignore-eos"]) == 0
+    first, reply = prompts[0], replies[0]
+    assert len(reply) == 6  # a random model's ids, whatever encode(decode(ids)) would give
+    assert prompts[1][:len(first) + len(reply) + 1] == first + reply + [EOS]
+
+
+def test_mixtral_without_a_template_or_chatml_tokens_is_warned_about(tmp_path, caplog):
+    from moekit.tokenizer import Tokenizer
+    from tests.tokfixtures import write_sentencepiece
+
+    write_sentencepiece(tmp_path / "plain")
+    write_sentencepiece(tmp_path / "chatml", extra_special=("<|im_start|>", "<|im_end|>"))
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        assert ChatFormat.for_model(Tokenizer.from_pretrained(tmp_path / "chatml"), "mixtral").name == "chatml"
+        assert not caplog.records
+        assert ChatFormat.for_model(Tokenizer.from_pretrained(tmp_path / "plain"), "mixtral").name == "chatml"
+        assert ChatFormat.for_model(Tokenizer.from_pretrained(tmp_path / "plain"), "mixtral", "vicuna")
+    (note,) = [r.getMessage() for r in caplog.records]
+    assert "<|im_start|> is not a token" in note and "--chat-format" in note and "chat_template" in note
+
+
+def test_system_refused_by_the_template_is_named_as_the_system_flag(tmp_path, capsys):
+    from moekit import cli
+    from tests.tokfixtures import write_sentencepiece
+
+    make_checkpoint("llama_moe", tmp_path, seed=4, vocab_size=400)
+    write_sentencepiece(tmp_path, chat_template=(
+        "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"))
+    base = ["--model", str(tmp_path), "--system", "Be brief.", "--max-new-tokens", "2", "--kernels", "reference"]
+    assert cli.main(["generate", "--prompt", "Hi", "--chat", *base]) == 2
+    err = capsys.readouterr().err
+    assert "error: --system: the chat format (tokenizer_config.json) does not accept a system message" in err
+    assert "System role not supported" in err
+    assert cli.main(["chat", *base]) == 2  # refused before the first turn is read
+    assert "--system" in capsys.readouterr().err
