@@ -155,12 +155,32 @@ class ChatFormat:
         """The prompt as one string (piece boundaries removed)."""
         return self._render(check_messages(messages), add_generation_prompt, **kwargs).replace(PIECE, "")
 
-    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, tokenizer, messages, add_generation_prompt: bool = True,
+               max_tokens: int | None = None) -> list[int]:
         """Prompt ids: each piece encoded on its own, special-token strings mapped to ids, no extra BOS.
 
         An assistant message's ``token_ids`` replace its content where the content is a whole piece.
+        ``max_tokens``: past it, whole rounds (a user/exec message and the replies after it) are
+        dropped oldest first, and with them a leading system message, as XVERSE's
+        ``_build_chat_input`` does; a last round that does not fit on its own is an error.
         """
         messages = check_messages(messages)
+        ids = self._encode(tokenizer, messages, add_generation_prompt)
+        if max_tokens is None or len(ids) <= max_tokens:
+            return ids
+        rest = messages[1:] if messages[0]["role"] == "system" else messages
+        starts = [i for i, m in enumerate(rest) if m["role"] in ("user", "exec", "tool")]
+        for kept in ([rest] if rest is not messages else []) + [rest[i:] for i in starts[1:]]:
+            ids = self._encode(tokenizer, kept, add_generation_prompt)
+            if len(ids) <= max_tokens:
+                log.warning("chat: the conversation needs more than %d prompt tokens; dropped its first %d "
+                            "message(s)", max_tokens, len(messages) - len(kept))
+                return ids
+        raise ChatError(f"the last message needs {len(ids)} prompt tokens, more than the {max_tokens} the "
+                        f"context leaves for the prompt")
+
+    def _encode(self, tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        messages = list(messages)
         given = {}  # placeholder -> (content, ids) of assistant messages that carry token_ids
         for i, m in enumerate(messages):
             if m["role"] == "assistant" and m.get("token_ids") is not None:

@@ -109,12 +109,13 @@ def _chat_ids(lm, messages: list[dict], args: argparse.Namespace) -> list[int]:
     """Prompt ids from the chat format; a template that refuses system messages is reported as --system's."""
     from moekit.chat import ChatError
 
+    budget = lm.prompt_budget(args.max_new_tokens)  # long chats drop their oldest rounds
     try:
-        return lm.chat_format.encode(lm.tokenizer, messages)
+        return lm.chat_format.encode(lm.tokenizer, messages, max_tokens=budget)
     except ChatError as e:
         if args.system and messages[0]["role"] == "system":
             try:
-                lm.chat_format.encode(lm.tokenizer, messages[1:])
+                lm.chat_format.encode(lm.tokenizer, messages[1:], max_tokens=budget)
             except ChatError:
                 raise e from None
             raise UsageError(f"--system: the chat format ({lm.chat_format.name}) does not accept a system message "

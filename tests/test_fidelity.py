@@ -239,3 +239,31 @@ def test_system_refused_by_the_template_is_named_as_the_system_flag(tmp_path, ca
     assert "System role not supported" in err
     assert cli.main(["chat", *base]) == 2  # refused before the first turn is read
     assert "--system" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["multi-turn", "chinese", "whitespace", "exec"])
+def test_long_conversations_drop_rounds_as_build_chat_input_does(lm, hf, name):
+    messages = CONVERSATIONS[name]
+    full = len(build_chat_input(hf, messages))
+    last = len(build_chat_input(hf, messages[-1:]))
+    for budget in range(last, full + 1):  # context 10000 and truncation = budget: max_input is the budget
+        want = build_chat_input(hf, messages, context=10_000, truncation=budget)
+        assert lm.chat_format.encode(lm.tokenizer, messages, max_tokens=budget) == want, budget
+    with pytest.raises(ChatError, match=f"the last message needs {last} prompt tokens, more than the {last - 1}"):
+        lm.chat_format.encode(lm.tokenizer, messages, max_tokens=last - 1)
+
+
+def test_chat_uses_the_published_generation_config_budget(lm, hf, monkeypatch):
+    from moekit.engine import text
+
+    seen = []
+    real = text.TextGenerator.stream
+    monkeypatch.setattr(text.TextGenerator, "stream", lambda self, p, s: seen.append(list(p[0])) or real(self, p, s))
+    messages = CONVERSATIONS["multi-turn"] * 2
+    messages = messages[:1] + [m for m in messages[1:] if m["role"] != "system"]
+    assert lm.prompt_budget() == 32  # max(64 // 2, 64 - 20480), as _build_chat_input computes it
+    lm.chat(None, messages)
+    want = build_chat_input(hf, messages, max_new_tokens=20480, context=64)
+    assert seen[-1] == want and len(want) < len(build_chat_input(hf, messages, context=10_000))
+    lm.chat(None, messages, max_new_tokens=8)  # an explicit max_new_tokens leaves 64 - 8 for the prompt
+    assert seen[-1] == build_chat_input(hf, messages, max_new_tokens=8, context=64)

@@ -94,6 +94,18 @@ class CausalLM:
             params = SamplingParams(**{**base, "max_new_tokens": room})
         return params
 
+    def prompt_budget(self, max_new_tokens: int | None = None) -> int | None:
+        """Prompt tokens a chat may use: the context less an explicit ``max_new_tokens``; with the default,
+        at least half the context (XVERSE's ``_build_chat_input`` rule). None when RoPE scaling lifts the limit."""
+        cfg = self.model.config
+        if cfg.rope_scaling is not None:
+            return None
+        ctx = cfg.max_position_embeddings
+        if max_new_tokens is not None:
+            return ctx - max_new_tokens
+        default = self.generation_config.get("max_new_tokens") or SamplingParams().max_new_tokens
+        return max(ctx // 2, ctx - default)
+
     # -- transformers-style generate -----------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  max_length: int | None = None, do_sample: bool = False, temperature: float = 1.0,
@@ -137,10 +149,11 @@ class CausalLM:
              **sampling) -> str | Iterator[str]:
         """Reply to OpenAI-style ``messages``: a string, or a generator of text deltas when streaming.
 
+        The oldest rounds are dropped when the conversation outgrows :meth:`prompt_budget`.
         ``streaming`` is accepted as Orion's card spells it.
         """
         tok = tokenizer or self.tokenizer
-        ids = self.chat_format.encode(tok, messages)
+        ids = self.chat_format.encode(tok, messages, max_tokens=self.prompt_budget(sampling.get("max_new_tokens")))
         return self._text(ids, self.sampling(len(ids), **sampling), stream if streaming is None else streaming)
 
     def _text(self, ids: list[int], params: SamplingParams, stream: bool):
