@@ -51,9 +51,7 @@ def test_streaming_text_equals_batch_text(lm):
     assert texts == [c.text for c in batch]
     for c in batch:
         assert c.finish_reason in ("stop", "length")
-        full = lm.tokenizer.decode(c.token_ids)
-        if "\ufffd" not in full:  # a random model can emit invalid UTF-8 byte runs, where the placement of
-            assert c.text == full  # U+FFFD depends on the decoding window; valid text must match exactly
+        assert c.text == lm.tokenizer.decode(c.token_ids)  # invalid byte runs included (a random model emits them)
 
 
 def test_generate_mirrors_transformers(lm):
