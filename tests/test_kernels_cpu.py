@@ -6,6 +6,7 @@ reference path cannot pass for the fast path.
 
 import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ from moekit.kernels import cpu, reference
 pytestmark = pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need an x86-64 CPU with AVX-512")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled():
-    cpu.extension()  # compile once (about 30 s on a fresh machine)
+@pytest.fixture(scope="module")
+def kern():
+    return cpu.CpuKernels(torch.bfloat16, gemm="moekit")  # compiles once (about 30 s on a fresh machine)
 
 
 @contextlib.contextmanager
@@ -46,10 +47,10 @@ def rnd(*shape, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, D, N", [(1, 64, 37), (2, 100, 64), (3, 1030, 40), (8, 256, 300), (13, 96, 33),
                                      (32, 2048, 70)])
-def test_linear(dtype, T, D, N, monkeypatch):
+def test_linear(dtype, T, D, N, monkeypatch, kern):
     x, w, b = rnd(T, D, dtype=dtype), rnd(N, D, dtype=dtype, scale=0.1), rnd(N, dtype=dtype)
     with no_fallback(monkeypatch, "linear"):
-        got = cpu.linear(x, w, b)
+        got = kern.linear(x, w, b)
     assert got.dtype == dtype and rel(got, torch.nn.functional.linear(x.double(), w.double(), b.double())) < TOL[dtype]
 
 
@@ -57,7 +58,9 @@ def test_linear(dtype, T, D, N, monkeypatch):
 @pytest.mark.parametrize("T, D, E, K, F, shared, gated", [
     (1, 64, 8, 2, 32, 0, False), (3, 100, 6, 3, 40, 24, False), (8, 256, 16, 6, 48, 64, True),
     (17, 70, 4, 4, 33, 0, False), (64, 96, 4, 2, 40, 16, True), (200, 128, 8, 2, 96, 0, False)])
-def test_moe_experts(dtype, T, D, E, K, F, shared, gated, monkeypatch):
+@pytest.mark.parametrize("gemm", cpu.GEMMS)
+def test_moe_experts(dtype, T, D, E, K, F, shared, gated, gemm, monkeypatch):
+    kern = cpu.CpuKernels(dtype, gemm=gemm)  # experts with >= 16 tokens: moekit's microkernel or ATen's GEMMs
     x = rnd(T, D, dtype=dtype)
     w13, w2 = rnd(E, 2 * F, D, dtype=dtype, scale=0.1), rnd(E, D, F, dtype=dtype, scale=0.1)
     logits = torch.randn(T, E, generator=g)
@@ -70,11 +73,11 @@ def test_moe_experts(dtype, T, D, E, K, F, shared, gated, monkeypatch):
     want = reference.moe_experts(x.double(), w13.double(), w2.double(), ids, w.double(),
                                  None if sh is None else (sh[0].double(), sh[1].double(), sh[2]))
     with no_fallback(monkeypatch, "moe_experts", "mlp"):
-        got = cpu.moe_experts(x, w13, w2, ids, w, sh)
+        got = kern.moe_experts(x, w13, w2, ids, w, sh)
     assert got.dtype == dtype and rel(got, want) < TOL[dtype]
 
 
-def test_moe_is_deterministic_and_handles_padded_experts(monkeypatch):
+def test_moe_is_deterministic_and_handles_padded_experts(monkeypatch, kern):
     from moekit.models.moe import Experts
 
     ex = Experts(48, [8, 24, 16]).to(torch.bfloat16)
@@ -84,7 +87,7 @@ def test_moe_is_deterministic_and_handles_padded_experts(monkeypatch):
     x = rnd(5, 48, dtype=torch.bfloat16)
     w, ids = reference.route(torch.randn(5, 3, generator=g), 2)
     with no_fallback(monkeypatch, "moe_experts"), torch.no_grad():
-        a, b = cpu.moe_experts(x, ex.w13, ex.w2, ids, w), cpu.moe_experts(x, ex.w13, ex.w2, ids, w)
+        a, b = kern.moe_experts(x, ex.w13, ex.w2, ids, w), kern.moe_experts(x, ex.w13, ex.w2, ids, w)
     assert torch.equal(a, b)
     with torch.no_grad():
         want = reference.moe_experts(x.double(), ex.w13.double(), ex.w2.double(), ids, w.double())
@@ -93,25 +96,25 @@ def test_moe_is_deterministic_and_handles_padded_experts(monkeypatch):
 
 @pytest.mark.parametrize("score_func, renorm, eps", [("softmax", True, 0.0), ("softmax", True, 1e-6),
                                                      ("softmax", False, 0.0), ("sigmoid", False, 0.0)])
-def test_route(score_func, renorm, eps, monkeypatch):
+def test_route(score_func, renorm, eps, monkeypatch, kern):
     logits = torch.randn(50, 16, generator=g) * 3
     logits[:5] = torch.randint(0, 3, (5, 16), generator=g).float()  # exact ties: lower index first
     want_w, want_ids = reference.route(logits, 4, score_func, renorm, eps)
     with no_fallback(monkeypatch, "route"):
-        w, ids = cpu.route(logits, 4, score_func, renorm, eps)
+        w, ids = kern.route(logits, 4, score_func, renorm, eps)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_rotary_silu_mul(dtype, monkeypatch):
+def test_rms_norm_rotary_silu_mul(dtype, monkeypatch, kern):
     x, w = rnd(37, 1000, dtype=dtype), torch.rand(1000, generator=g).to(dtype)
     q = rnd(2, 4, 9, 64, dtype=dtype)
     ang = torch.rand(2, 9, 32, generator=g) * 6
     cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
     h = rnd(21, 2 * 77, dtype=dtype)
     with no_fallback(monkeypatch, "rms_norm", "rotary", "silu_mul"):
-        got = cpu.rms_norm(x, w, 1e-6), cpu.rotary(q, cos, sin), cpu.silu_mul(h)
+        got = kern.rms_norm(x, w, 1e-6), kern.rotary(q, cos, sin), kern.silu_mul(h)
     want = (reference.rms_norm(x.double(), w.double(), 1e-6), reference.rotary(q.double(), cos.double(), sin.double()),
             reference.silu_mul(h.double()))
     for a, b in zip(got, want):
@@ -122,7 +125,7 @@ def test_rms_norm_rotary_silu_mul(dtype, monkeypatch):
 @pytest.mark.parametrize("B, H, G, T, S, A, masked", [
     (1, 4, 4, 1, 600, 64, True), (2, 8, 2, 3, 40, 80, True), (1, 16, 4, 512, 512, 64, False),
     (2, 4, 4, 130, 130, 64, True), (1, 2, 2, 70, 100, 48, True), (3, 8, 8, 9, 9, 128, False)])
-def test_attention(dtype, B, H, G, T, S, A, masked, monkeypatch):
+def test_attention(dtype, B, H, G, T, S, A, masked, monkeypatch, kern):
     q, k, v = rnd(B, H, T, A, dtype=dtype), rnd(B, G, S, A, dtype=dtype), rnd(B, G, S, A, dtype=dtype)
     mask = None
     if masked:  # causal with left padding, like the KV cache builds it
@@ -133,15 +136,42 @@ def test_attention(dtype, B, H, G, T, S, A, masked, monkeypatch):
         pytest.skip("causal attention without a mask needs S == T")
     want = reference.attention(q.double(), k.double(), v.double(), mask)
     with no_fallback(monkeypatch, "attention"):
-        got = cpu.attention(q, k, v, mask)
+        got = kern.attention(q, k, v, mask)
     assert got.dtype == dtype and rel(got, want) < TOL[dtype]
 
 
-def test_autograd_uses_the_reference_path():
+def test_autograd_uses_the_reference_path_and_says_so_once():
+    kern = cpu.CpuKernels(torch.float32, gemm="moekit")
     x = torch.randn(3, 16, requires_grad=True)
     w = torch.randn(8, 16, requires_grad=True)
-    cpu.linear(x, w).sum().backward()
+    with pytest.warns(UserWarning, match="'linear' ran on the plain PyTorch reference path: autograd"):
+        kern.linear(x, w).sum().backward()
     assert x.grad is not None and w.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time is silent
+        kern.linear(x, w)
+
+
+def test_gemm_pick_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("MOEKIT_CPU_GEMM", raising=False)
+    monkeypatch.setattr(cpu, "extension", lambda: "ext")  # the timing is faked; the cache is real
+    timed = []
+    monkeypatch.setattr(cpu, "_time_gemms", lambda ext, dtype: timed.append(dtype) or {"moekit": 2.0, "aten": 1.0})
+    first = cpu.pick_gemm(torch.bfloat16)
+    assert first["gemm"] == "aten" and first["seconds"] == {"moekit": 2.0, "aten": 1.0} and len(timed) == 1
+    assert cpu.pick_gemm(torch.bfloat16) == first and len(timed) == 1  # read back, not measured again
+    assert len(list(tmp_path.rglob("gemm-bfloat16-*threads.json"))) == 1
+    monkeypatch.setenv("MOEKIT_CPU_GEMM", "moekit")
+    assert cpu.pick_gemm(torch.bfloat16)["gemm"] == "moekit"
+    monkeypatch.setenv("MOEKIT_CPU_GEMM", "amx")
+    with pytest.raises(ValueError, match="MOEKIT_CPU_GEMM='amx'"):
+        cpu.pick_gemm(torch.bfloat16)
+
+
+def test_gemm_timing_runs_both_paths(kern):
+    secs = cpu._time_gemms(cpu.extension(), torch.bfloat16)
+    assert set(secs) == set(cpu.GEMMS) and all(v > 0 for v in secs.values())
 
 
 def _vm_flags(address: int) -> list[str]:

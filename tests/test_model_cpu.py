@@ -49,3 +49,32 @@ def test_cpu_backend_bfloat16(case, checkpoints):
         fast = rel(moekit.load(folder, dtype=torch.bfloat16, kernels="cpu")(ids), want)
         ref = rel(moekit.load(folder, dtype=torch.bfloat16, kernels="reference")(ids), want)
     assert fast < max(2 * ref, 0.02)
+
+
+def test_backend_choice_is_made_once_and_explained(monkeypatch):
+    from moekit.kernels import AUTO_MIN_PARAMS, get_backend
+
+    big = 2 * AUTO_MIN_PARAMS
+    fast = get_backend("auto", big, "cpu", torch.bfloat16)
+    assert fast.name == "cpu" and "avx512f" in fast.reason and "experts" in fast.paths
+    half = get_backend("auto", big, "cpu", torch.float16)
+    assert half.name == "reference" and "float16 weights" in half.reason
+    with pytest.raises(ValueError, match="'cpu' cannot run here: float16 weights"):
+        get_backend("cpu", big, "cpu", torch.float16)
+    small = get_backend("auto", 1000, "cpu", torch.float32)
+    assert small.name == "reference" and "under 50M parameters" in small.reason
+    monkeypatch.setenv("MOEKIT_CPU_GEMM", "aten")
+    assert "ATen GEMMs" in get_backend("cpu", big, "cpu", torch.bfloat16).paths["experts"]
+
+
+def test_load_defaults_to_the_fast_path_and_logs_it(checkpoints, monkeypatch, caplog):
+    import logging
+
+    from moekit import kernels
+
+    monkeypatch.setattr(kernels, "AUTO_MIN_PARAMS", 0)  # the test checkpoints are tiny
+    with caplog.at_level(logging.INFO, logger="moekit"):
+        model = moekit.load(checkpoints("xverse")[0], dtype=torch.bfloat16)
+    assert model.kernels.name == "cpu"
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged[0].startswith("kernels: cpu") and any(line.startswith("  experts: ") for line in logged)

@@ -1,18 +1,30 @@
-"""The CPU backend: C++ AVX-512 kernels (moekit/kernels/cpu/*.cpp), the reference path where they do not apply.
+"""The CPU backend: C++ AVX-512 kernels (moekit/kernels/cpu/*.cpp), with every choice made once.
 
 The extension is compiled once per machine with the system compiler
 (``-march=native``, so AVX-512 BF16 where the CPU has it) and cached under
-``~/.cache/moekit``. Anything the kernels do not cover (many tokens, autograd,
-float16, non-contiguous inputs) runs the plain PyTorch reference, which is
-also their oracle in tests.
+``~/.cache/moekit``. :class:`CpuKernels` fixes, when a model is built:
+
+- few tokens (decode): moekit's streaming kernels for linear, MLP and the fused MoE layer;
+- many tokens (prefill): dense projections and the LM head on ATen's GEMMs (oneDNN, which
+  uses AMX tiles where the CPU has them); experts with many tokens on moekit's packed
+  microkernel or on ATen's GEMMs, whichever a one-time measurement on this machine found
+  faster (cached next to the compiled kernels, :func:`pick_gemm`);
+- attention, RMSNorm, RoPE and routing on moekit's kernels.
+
+A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
+PyTorch reference, which is also their oracle in tests, and says so once (a warning).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
+import statistics
 import sys
+import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,22 +33,44 @@ import torch
 from moekit.kernels import reference
 
 SOURCES = Path(__file__).with_name("cpu")
-MAX_TOKENS = 32  # linear/mlp: beyond this, oneDNN/MKL GEMMs (the reference path) are faster
+MAX_TOKENS = 32  # linear/mlp: beyond this, ATen's GEMMs (oneDNN / MKL) are faster than streaming
+MOE_CHUNK = 1024  # tokens per fused-kernel call: bounds its float32 scratch (tokens x top-k x width)
+DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _cpu_flags() -> str:
+def cpu_info() -> dict:
+    """CPU model name and flags from /proc/cpuinfo (empty where there is none)."""
+    info = {"model": "", "flags": set()}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return line
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not info["model"]:
+                info["model"] = value.strip()
+            elif key.strip() == "flags" and not info["flags"]:
+                info["flags"] = set(value.split())
     except OSError:
         pass
-    return ""
+    return info
+
+
+def isa() -> list[str]:
+    """The instruction-set extensions the kernels (and oneDNN) can use on this CPU."""
+    flags = cpu_info()["flags"]
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in flags]
 
 
 def supported() -> bool:
-    """Whether this machine can use the C++ kernels (x86-64 with AVX-512)."""
-    return sys.platform.startswith("linux") and " avx512f " in f" {_cpu_flags().split(':')[-1].strip()} "
+    """Whether this machine can use the C++ kernels (x86-64 Linux with AVX-512)."""
+    return sys.platform.startswith("linux") and "avx512f" in cpu_info()["flags"]
+
+
+def _build_dir() -> Path:
+    files = sorted(SOURCES.glob("*.cpp")) + sorted(SOURCES.glob("*.h"))
+    digest = hashlib.sha256(" ".join(sorted(cpu_info()["flags"])).encode() + torch.__version__.encode())
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    root = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))
+    return root / f"cpu-{digest.hexdigest()[:12]}"
 
 
 @lru_cache(maxsize=1)
@@ -44,17 +78,61 @@ def extension():
     """Compile (first use only) and load the C++ kernels; raises if this machine cannot build them."""
     from torch.utils.cpp_extension import load
 
-    files = sorted(SOURCES.glob("*.cpp")) + sorted(SOURCES.glob("*.h"))
-    digest = hashlib.sha256(_cpu_flags().encode() + torch.__version__.encode())
-    for f in files:
-        digest.update(f.name.encode() + f.read_bytes())
-    key = digest.hexdigest()[:12]
-    build = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / f"cpu-{key}"
+    build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         print("moekit: compiling CPU kernels for this machine (once, about 30 s)...", file=sys.stderr, flush=True)
-    return load(name=f"moekit_cpu_{key}", sources=[str(f) for f in files if f.suffix == ".cpp"], build_directory=str(build),
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    return load(name=f"moekit_cpu_{build.name[4:]}", sources=[str(f) for f in sorted(SOURCES.glob("*.cpp"))],
+                build_directory=str(build), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+GEMMS = ("moekit", "aten")  # the two ways to run an expert's many-token GEMMs
+
+
+def _time_gemms(ext, dtype: torch.dtype) -> dict[str, float]:
+    """Median seconds of one MoE layer over 256 tokens (8 experts of 512, top-2, d 1024: about 64 tokens
+    per expert) on each GEMM path, the paths interleaved so that machine drift hits both alike."""
+    g, cpu = torch.Generator().manual_seed(0), {"device": "cpu"}  # real tensors, also under a meta-device scope
+    x = torch.randn(256, 1024, generator=g, **cpu).to(dtype)
+    w13 = (torch.randn(8, 1024, 1024, generator=g, **cpu) * 0.02).to(dtype)
+    w2 = (torch.randn(8, 1024, 512, generator=g, **cpu) * 0.02).to(dtype)
+    ids = torch.stack([torch.arange(256, **cpu) % 8, (torch.arange(256, **cpu) + 3) % 8], 1)
+    wts = torch.full((256, 2), 0.5, **cpu)
+    runs = {name: [] for name in GEMMS}
+    for _ in range(9):
+        for name in GEMMS:
+            t = time.perf_counter()
+            ext.moe(x, w13, w2, ids, wts, aten=name == "aten")
+            runs[name].append(time.perf_counter() - t)
+    return {name: statistics.median(r[2:]) for name, r in runs.items()}  # two warm-up rounds dropped
+
+
+def pick_gemm(dtype: torch.dtype) -> dict:
+    """Which GEMM runs experts with many tokens, measured once per machine, dtype and thread count.
+
+    Returns {"gemm": "moekit" | "aten", "seconds": {...}}; cached as JSON beside the compiled
+    kernels. ``MOEKIT_CPU_GEMM=moekit|aten`` overrides the measurement.
+    """
+    forced = os.environ.get("MOEKIT_CPU_GEMM")
+    if forced:
+        if forced not in GEMMS:
+            raise ValueError(f"MOEKIT_CPU_GEMM={forced!r}: use one of {', '.join(GEMMS)}")
+        return {"gemm": forced, "seconds": {}, "source": "MOEKIT_CPU_GEMM"}
+    name = str(dtype).removeprefix("torch.")
+    cache = _build_dir() / f"gemm-{name}-{torch.get_num_threads()}threads.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    ext = extension()
+    secs = _time_gemms(ext, dtype)
+    choice = {"gemm": min(secs, key=secs.get), "seconds": secs, "source": "measured"}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(choice))
+    tmp.replace(cache)
+    return choice
 
 
 HUGE_PAGE = 2 << 20
@@ -89,74 +167,16 @@ def advise_weights(tensors) -> None:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
 
 
-def _elementwise(*ts: torch.Tensor) -> bool:
-    """The C++ kernels apply: bf16/fp32 CPU tensors of one dtype, no autograd."""
+def _unfit(*ts: torch.Tensor) -> str | None:
+    """Why the C++ kernels cannot take these tensors (None when they can)."""
     x = ts[0]
-    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and all(t.dtype == x.dtype for t in ts)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
-
-
-def _fast(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """The streaming (few-token) kernels apply: ``_elementwise`` and at most MAX_TOKENS rows."""
-    return x.dim() == 2 and x.shape[0] <= MAX_TOKENS and _elementwise(x, *weights)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    if _fast(x2, w) and w.is_contiguous() and (b is None or b.dtype == x.dtype):
-        return extension().linear(x2.contiguous(), w, b).view(*x.shape[:-1], w.shape[0])
-    return reference.linear(x, w, b)
-
-
-def silu_mul(h: torch.Tensor) -> torch.Tensor:
-    if _elementwise(h) and h.dim() == 2:
-        return extension().silu_mul(h.contiguous())
-    return reference.silu_mul(h)
-
-
-def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    if _fast(x, w13, w2) and w13.is_contiguous() and w2.is_contiguous():
-        return extension().mlp(x.contiguous(), w13, w2)
-    return reference.mlp(x, w13, w2, act=silu_mul)
-
-
-MOE_CHUNK = 1024  # tokens per fused-kernel call: bounds its float32 scratch (tokens x top-k x width)
-
-
-def moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch.Tensor:
-    tensors = (x_TD, w13_EFD, w2_EDF) + (() if shared is None else tuple(shared[:2]))
-    if not (_elementwise(*tensors) and x_TD.dim() == 2 and all(t.is_contiguous() for t in tensors[1:])):
-        return reference.moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared, act=silu_mul)
-    s13, s2, gate = shared if shared is not None else (None, None, None)
-    ext, out = extension(), []
-    for t0 in range(0, x_TD.shape[0], MOE_CHUNK):
-        part = slice(t0, t0 + MOE_CHUNK)
-        out.append(ext.moe(x_TD[part].contiguous(), w13_EFD, w2_EDF, ids_TK[part].contiguous(),
-                           weights_TK[part].float().contiguous(), s13, s2,
-                           None if gate is None else gate[part].float().contiguous()))
-    return out[0] if len(out) == 1 else torch.cat(out)
-
-
-def route(logits_TE, k, score_func="softmax", renormalize=True, eps=0.0, bias_E=None):
-    if logits_TE.device.type == "cpu" and logits_TE.dim() == 2 and not (torch.is_grad_enabled()
-                                                                        and logits_TE.requires_grad):
-        bias = None if bias_E is None else bias_E.float().contiguous()
-        weights, ids = extension().route(logits_TE.float().contiguous(), k, score_func == "softmax", renormalize,
-                                         eps, 1.0, bias)
-        return weights, ids
-    return reference.route(logits_TE, k, score_func, renormalize, eps, bias_E)
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    if _elementwise(x, w) and w.is_contiguous():
-        return extension().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), w, eps).view(x.shape)
-    return reference.rms_norm(x, w, eps)
-
-
-def rotary(x_BNTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -> torch.Tensor:
-    if _elementwise(x_BNTA, cos_BTA, sin_BTA) and x_BNTA.dim() == 4:
-        return extension().rotary(x_BNTA.contiguous(), cos_BTA.contiguous(), sin_BTA.contiguous())
-    return reference.rotary(x_BNTA, cos_BTA, sin_BTA)
+    if x.device.type != "cpu":
+        return f"{x.device.type} tensors"
+    if any(t.dtype != x.dtype for t in ts) or x.dtype not in DTYPES:
+        return f"dtypes {sorted({str(t.dtype) for t in ts})} (the kernels take one of bfloat16, float32)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return "autograd (tensors that require grad)"
+    return None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -164,14 +184,102 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
 
 
-def attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
-    """Any number of query tokens: a row kernel for a few, blocked (flash) attention for many."""
-    dtype = q_BHTA.dtype
-    ok = (q_BHTA.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and q_BHTA.dim() == 4
-          and k_BGSA.dtype == dtype and v_BGSA.dtype == dtype and q_BHTA.shape[-1] % 16 == 0
-          and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHTA, k_BGSA, v_BGSA))))
-    if ok:
+class CpuKernels:
+    """moekit's C++ kernels for a model of ``dtype``; the expert GEMM path is fixed here, once."""
+
+    name = "cpu"
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, gemm: str | None = None):
+        self.ext = extension()
+        self.pick = {"gemm": gemm, "seconds": {}, "source": "argument"} if gemm else pick_gemm(dtype)
+        if self.pick["gemm"] not in GEMMS:
+            raise ValueError(f"gemm={self.pick['gemm']!r}: use one of {', '.join(GEMMS)}")
+        self.aten = self.pick["gemm"] == "aten"
+        self._said: set[tuple[str, str]] = set()
+
+    def advise_weights(self, tensors) -> None:
+        advise_weights(tensors)
+
+    def paths(self) -> dict[str, str]:
+        """What runs each op (for the load log and ``moekit info --kernels``)."""
+        secs = self.pick.get("seconds") or {}
+        why = (f"measured {secs['moekit'] * 1e3:.1f} vs {secs['aten'] * 1e3:.1f} ms" if len(secs) == 2
+               else self.pick.get("source", ""))
+        many = ("ATen GEMMs (oneDNN" + (", AMX" if "amx_bf16" in cpu_info()["flags"] else "") + ")"
+                if self.aten else "moekit packed microkernel")
+        return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
+                "experts": f"moekit fused MoE; experts with >= 16 tokens: {many} [{why}]",
+                "attention": "moekit (flash for many query tokens)",
+                "rms_norm, rotary, route": "moekit"}
+
+    def _fallback(self, op: str, reason: str):
+        """Say once per (op, reason) that a call ran on the reference path."""
+        if (op, reason) not in self._said:
+            self._said.add((op, reason))
+            warnings.warn(f"moekit: cpu kernel '{op}' ran on the plain PyTorch reference path: {reason}",
+                          stacklevel=3)
+        return getattr(reference, op)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > MAX_TOKENS:  # by design: ATen's GEMM (AMX where there is one)
+            return reference.linear(x, w, b)
+        why = _unfit(x2, w, *(() if b is None else (b,))) or (None if w.is_contiguous() else "non-contiguous weight")
+        if why:
+            return self._fallback("linear", why)(x, w, b)
+        return self.ext.linear(x2.contiguous(), w, b).view(*x.shape[:-1], w.shape[0])
+
+    def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 2 and not _unfit(h):
+            return self.ext.silu_mul(h.contiguous())
+        return reference.silu_mul(h)
+
+    def mlp(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > MAX_TOKENS:
+            return reference.mlp(x, w13, w2, act=self.silu_mul)
+        why = _unfit(x, w13, w2) or (None if w13.is_contiguous() and w2.is_contiguous() else "non-contiguous weight")
+        if why:
+            return self._fallback("mlp", why)(x, w13, w2)
+        return self.ext.mlp(x.contiguous(), w13, w2)
+
+    def moe_experts(self, x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch.Tensor:
+        tensors = (x_TD, w13_EFD, w2_EDF) + (() if shared is None else tuple(shared[:2]))
+        why = _unfit(*tensors) or (None if all(t.is_contiguous() for t in tensors[1:]) else "non-contiguous weight")
+        if why:
+            return self._fallback("moe_experts", why)(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared)
+        s13, s2, gate = shared if shared is not None else (None, None, None)
+        out = []
+        for t0 in range(0, x_TD.shape[0], MOE_CHUNK):
+            part = slice(t0, t0 + MOE_CHUNK)
+            out.append(self.ext.moe(x_TD[part].contiguous(), w13_EFD, w2_EDF, ids_TK[part].contiguous(),
+                                    weights_TK[part].float().contiguous(), s13, s2,
+                                    None if gate is None else gate[part].float().contiguous(), aten=self.aten))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def route(self, logits_TE, k, score_func="softmax", renormalize=True, eps=0.0, bias_E=None):
+        if logits_TE.device.type != "cpu" or (torch.is_grad_enabled() and logits_TE.requires_grad):
+            return self._fallback("route", _unfit(logits_TE) or "cpu tensors")(
+                logits_TE, k, score_func, renormalize, eps, bias_E)
+        bias = None if bias_E is None else bias_E.float().contiguous()
+        return self.ext.route(logits_TE.float().contiguous(), k, score_func == "softmax", renormalize, eps, 1.0, bias)
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        why = _unfit(x, w) or (None if w.is_contiguous() else "non-contiguous weight")
+        if why:
+            return self._fallback("rms_norm", why)(x, w, eps)
+        return self.ext.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), w, eps).view(x.shape)
+
+    def rotary(self, x_BNTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -> torch.Tensor:
+        why = _unfit(x_BNTA, cos_BTA, sin_BTA)
+        if why:
+            return self._fallback("rotary", why)(x_BNTA, cos_BTA, sin_BTA)
+        return self.ext.rotary(x_BNTA.contiguous(), cos_BTA.contiguous(), sin_BTA.contiguous())
+
+    def attention(self, q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
+        """Any number of query tokens: a row kernel for a few, blocked (flash) attention for many."""
+        why = _unfit(q_BHTA, k_BGSA, v_BGSA) or (None if q_BHTA.shape[-1] % 16 == 0 else
+                                                 f"head width {q_BHTA.shape[-1]} is not a multiple of 16")
+        if why:
+            return self._fallback("attention", why)(q_BHTA, k_BGSA, v_BGSA, mask_BTS)
         mask = None if mask_BTS is None else mask_BTS.contiguous()
-        return extension().attention(q_BHTA.contiguous(), _rows(k_BGSA), _rows(v_BGSA), mask,
-                                     q_BHTA.shape[-1] ** -0.5)
-    return reference.attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS)
+        return self.ext.attention(q_BHTA.contiguous(), _rows(k_BGSA), _rows(v_BGSA), mask, q_BHTA.shape[-1] ** -0.5)

@@ -37,12 +37,12 @@ class Block(nn.Module):
 class MoEDecoder(nn.Module):
     """Decoder-only LM: ``model(input_ids)`` returns logits [B, T, V]."""
 
-    def __init__(self, cfg: ModelConfig, kernels: str = "reference", device=None):
-        """kernels: backend name (see :mod:`moekit.kernels`); device: where the weights will live
-        (``auto`` picks the Triton kernels for CUDA)."""
+    def __init__(self, cfg: ModelConfig, kernels: str = "reference", device=None, dtype=None):
+        """kernels: backend name (see :mod:`moekit.kernels`); device, dtype: where and how the weights
+        will live (``auto`` picks the Triton kernels for CUDA, the C++ ones for bf16/fp32 on the CPU)."""
         super().__init__()
         self.config = cfg
-        self.kernels = get_backend(kernels, count_params(cfg)[0], device)
+        self.kernels = get_backend(kernels, count_params(cfg)[0], device, dtype)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))

@@ -7,6 +7,7 @@ and filled shard by shard: peak memory is the model plus one tensor
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.families import Family, NameMap, detect_family
 from moekit.models import MoEDecoder
 from moekit.weights.io import CheckpointError, iter_shard, read_json, shard_names, weight_files
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,10 +52,10 @@ def read_config(folder: str | Path) -> tuple[ModelConfig, Family, list[Path], di
 
 
 def materialize(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-                kernels: str = "reference") -> MoEDecoder:
+                kernels: str = "auto") -> MoEDecoder:
     """An uninitialised model allocated once in ``dtype`` on ``device`` (expert padding zeroed)."""
     with torch.device("meta"):
-        model = MoEDecoder(cfg, kernels=kernels, device=device)
+        model = MoEDecoder(cfg, kernels=kernels, device=device, dtype=dtype)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.kernels.advise_weights(model.parameters())  # before the first write touches the pages
     model.reset_buffers()
@@ -69,7 +72,7 @@ def _raise(problems: list[str], what: str) -> None:
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         kernels: str = "reference", progress: bool | None = None) -> MoEDecoder:
+         kernels: str = "auto", progress: bool | None = None) -> MoEDecoder:
     """Load a checkpoint folder in any supported family's native layout.
 
     dtype: None keeps the config's ``torch_dtype`` (float32 if it has none).
@@ -113,4 +116,6 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     missing = [f"missing tensor {n!r}" + (f" (index lists it in {wmap[n]})" if wmap and n in wmap else "")
                for n in expected if n not in seen]
     _raise(missing, f"{folder}: tensors the config.json requires are absent")
+    for line in model.kernels.describe():
+        log.info(line)
     return model.eval()

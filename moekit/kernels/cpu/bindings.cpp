@@ -17,9 +17,9 @@ bool has_avx512_bf16() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &moekit::linear, "y = x W^T (+ b) for a few tokens");
   m.def("mlp", &moekit::mlp, "SwiGLU MLP for a few tokens");
-  m.def("moe", &moekit::moe, "routed SwiGLU experts (plus an optional shared expert) for a few tokens", py::arg("x"),
+  m.def("moe", &moekit::moe, "routed SwiGLU experts (plus an optional shared expert); aten: ATen GEMMs for experts with many tokens", py::arg("x"),
         py::arg("w13"), py::arg("w2"), py::arg("ids"), py::arg("weights"), py::arg("shared_w13") = py::none(),
-        py::arg("shared_w2") = py::none(), py::arg("shared_weights") = py::none());
+        py::arg("shared_w2") = py::none(), py::arg("shared_weights") = py::none(), py::arg("aten") = false);
   m.def("route", &moekit::route, "top-k routing of float32 logits", py::arg("logits"), py::arg("k"), py::arg("softmax"),
         py::arg("renorm"), py::arg("eps"), py::arg("scale"), py::arg("bias") = py::none());
   m.def("rms_norm", &moekit::rms_norm, "RMSNorm");

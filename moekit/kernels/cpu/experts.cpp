@@ -49,20 +49,46 @@ struct Job {
   std::vector<A> x, act;
 };
 
-// SwiGLU experts over a few tokens: y[t] = sum_j wt_j * down_j(silu(gate_j x_t) * up_j x_t).
-// Phase 1 (parallel over (expert, F-block)): activations. Phase 2 (parallel over (expert, D-block)):
-// down projections, then a combine in a fixed order, so results are deterministic.
+// One expert over its gathered tokens with ATen's GEMMs (oneDNN: AMX tiles where the CPU has them),
+// the activation rounded as torch rounds it; out [n, D] float32 holds the (rounded) expert output.
 template <typename A>
-torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs) {
+void expert_aten(Job<A>& job, int64_t D, const torch::Tensor& like, std::vector<float>& out) {
+  const int64_t n = job.tok.size(), F = job.F;
+  auto x = torch::from_blob(job.x.data(), {n, D}, like.options());
+  auto w13 = torch::from_blob(const_cast<A*>(job.w13), {2 * F, D}, like.options());
+  auto w2 = torch::from_blob(const_cast<A*>(job.w2), {D, F}, like.options());
+  torch::Tensor h = at::mm(x, w13.t()).to(torch::kFloat32).contiguous();  // [n, 2F], rounded to A by the GEMM
+  const float* H = h.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) swiglu_row<A>(H + i * 2 * F, H + i * 2 * F + F, F, job.act.data() + i * F);
+  auto act = torch::from_blob(job.act.data(), {n, F}, like.options());
+  torch::Tensor y = at::mm(act, w2.t()).to(torch::kFloat32).contiguous();
+  std::memcpy(out.data(), y.data_ptr<float>(), n * D * sizeof(float));
+}
+
+// SwiGLU experts: y[t] = sum_j wt_j * down_j(silu(gate_j x_t) * up_j x_t).
+// With `aten`, experts with at least VNNI_MIN_TOKENS tokens run on ATen's GEMMs one after the other
+// (each parallel inside); the rest run here in two phases. Phase 1 (parallel over (expert, F-block)):
+// activations. Phase 2 (parallel over (expert, D-block)): down projections. Then a combine in a fixed
+// order, so results are deterministic.
+template <typename A>
+torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bool aten) {
   const int64_t T = x.size(0), D = x.size(1);
   const A* X = (const A*)x.data_ptr();
   std::vector<int64_t> item_job, item_blk;
+  std::vector<std::vector<float>> out(jobs.size());
+  std::vector<char> big(jobs.size(), 0);
   for (size_t j = 0; j < jobs.size(); ++j) {
     auto& job = jobs[j];
     const int64_t n = job.tok.size();
     job.x.resize(n * D);
     job.act.resize(n * job.F);
+    out[j].assign(n * D, 0.f);
     for (int64_t i = 0; i < n; ++i) std::memcpy(job.x.data() + i * D, X + job.tok[i] * D, D * sizeof(A));
+    if (aten && n >= VNNI_MIN_TOKENS) {
+      big[j] = 1;
+      expert_aten<A>(job, D, x, out[j]);
+      continue;
+    }
     for (int64_t blk = 0; blk < (job.F + BLOCK - 1) / BLOCK; ++blk) {
       item_job.push_back(j);
       item_blk.push_back(blk);
@@ -86,16 +112,18 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs) {
   });
   // Phase 2: each work item streams one expert's down-projection rows for one D-block.
   const int64_t nblk = (D + BLOCK - 1) / BLOCK;
-  std::vector<std::vector<float>> out(jobs.size());
-  for (size_t j = 0; j < jobs.size(); ++j) out[j].assign(jobs[j].tok.size() * D, 0.f);
-  std::vector<double> cost2(jobs.size() * nblk);
-  for (size_t i = 0; i < cost2.size(); ++i) cost2[i] = ITEM_COST + jobs[i / nblk].tok.size();
+  std::vector<int64_t> small;  // the jobs phase 2 computes here
+  for (size_t j = 0; j < jobs.size(); ++j)
+    if (!big[j]) small.push_back(j);
+  std::vector<double> cost2(small.size() * nblk);
+  for (size_t i = 0; i < cost2.size(); ++i) cost2[i] = ITEM_COST + jobs[small[i / nblk]].tok.size();
   balanced_for(cost2, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> pack;
     for (int64_t it = i0; it < i1; ++it) {
-      auto& job = jobs[it / nblk];
+      const int64_t j = small[it / nblk];
+      auto& job = jobs[j];
       const int64_t d0 = (it % nblk) * BLOCK, d1 = std::min(D, d0 + BLOCK);
-      matmul_rows<A>(job.w2, d0, d1, job.act.data(), job.tok.size(), job.F, out[it / nblk].data(), D, pack);
+      matmul_rows<A>(job.w2, d0, d1, job.act.data(), job.tok.size(), job.F, out[j].data(), D, pack);
     }
   });
   // Combine in a fixed job order (deterministic), parallel over column blocks, each expert output
@@ -134,7 +162,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs) {
 template <typename A>
 torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
                        const torch::Tensor& ids, const torch::Tensor& wts, const torch::Tensor& s13,
-                       const torch::Tensor& s2, const torch::Tensor& swts) {
+                       const torch::Tensor& s2, const torch::Tensor& swts, bool aten) {
   const int64_t T = ids.size(0), K = ids.size(1), E = w13.size(0), F = w2.size(2), D = x.size(1);
   const int64_t* I = ids.data_ptr<int64_t>();
   const float* Wt = wts.data_ptr<float>();
@@ -160,7 +188,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& w13, const t
     }
     jobs.push_back(std::move(shared));
   }
-  return experts_impl<A>(x, jobs);
+  return experts_impl<A>(x, jobs, aten);
 }
 
 // Top-k routing of float32 logits [T, E]: softmax (or sigmoid) scores, the k largest (ties to the
@@ -222,7 +250,7 @@ torch::Tensor mlp_impl(const torch::Tensor& x, const torch::Tensor& w13, const t
   jobs[0].w13 = (const A*)w13.data_ptr();
   jobs[0].w2 = (const A*)w2.data_ptr();
   jobs[0].F = w2.size(1);
-  return experts_impl<A>(x, jobs);
+  return experts_impl<A>(x, jobs, false);
 }
 
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
@@ -240,7 +268,7 @@ torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2) {
 
 torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor ids, torch::Tensor wts,
                   c10::optional<torch::Tensor> s13_opt, c10::optional<torch::Tensor> s2_opt,
-                  c10::optional<torch::Tensor> swts_opt) {
+                  c10::optional<torch::Tensor> swts_opt, bool aten) {
   check_pair(x, w13);
   check_pair(x, w2);
   torch::Tensor s13 = s13_opt.has_value() ? *s13_opt : torch::Tensor();
@@ -257,8 +285,8 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::T
   check(ids.scalar_type() == torch::kLong && wts.scalar_type() == torch::kFloat32 && ids.is_contiguous() &&
             wts.is_contiguous() && ids.sizes() == wts.sizes() && ids.size(0) == x.size(0),
         "ids must be int64 [T, K] and weights float32 [T, K]");
-  return is_bf16(x) ? moe_impl<bf16>(x, w13, w2, ids, wts, s13, s2, swts)
-                    : moe_impl<float>(x, w13, w2, ids, wts, s13, s2, swts);
+  return is_bf16(x) ? moe_impl<bf16>(x, w13, w2, ids, wts, s13, s2, swts, aten)
+                    : moe_impl<float>(x, w13, w2, ids, wts, s13, s2, swts, aten);
 }
 
 }  // namespace moekit
