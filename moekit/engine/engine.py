@@ -18,6 +18,7 @@ from moekit.engine.cuda_graph import GraphDecoder
 from moekit.engine.cuda_graph import applies as graph_applies
 from moekit.engine.kv_cache import KVCache
 from moekit.engine.sampling import SamplingParams, sample
+from moekit.engine.threads import ThreadGovernor
 from moekit.models import MoEDecoder
 
 
@@ -59,11 +60,15 @@ class Engine:
     """Batched prefill + KV-cached decoding over a :class:`MoEDecoder`."""
 
     def __init__(self, model: MoEDecoder, eos_token_ids: Sequence[int] | int | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, adapt_threads: bool = True):
         """cuda_graph: decode through captured CUDA graphs (:mod:`moekit.engine.cuda_graph`); None = when
-        the model is on a CUDA device. True off CUDA runs the same fixed-shape step without capture."""
+        the model is on a CUDA device. True off CUDA runs the same fixed-shape step without capture.
+        adapt_threads: on the CPU, use only the cores other processes leave free
+        (:mod:`moekit.engine.threads`)."""
         self.model = model
         on_cuda = model.embed.weight.is_cuda
+        on_cpu = model.embed.weight.device.type == "cpu"
+        self.governor = ThreadGovernor() if adapt_threads and on_cpu else None
         use_graphs = (on_cuda if cuda_graph is None else cuda_graph) and graph_applies(model)
         self.graphs = GraphDecoder(model, capture=on_cuda) if use_graphs else None
         cfg = model.config
@@ -113,9 +118,21 @@ class Engine:
                 out[ev.index].finish_reason = ev.finish_reason
         return out
 
-    @torch.inference_mode()
     def _run(self, prompts: list[list[int]], params: list[SamplingParams], cancelled: set[int]
              ) -> Iterator[list[TokenEvent]]:
+        if self.governor is None:
+            yield from self._steps(prompts, params, cancelled, lambda: None)
+            return
+        self.governor.start()
+        try:
+            yield from self._steps(prompts, params, cancelled, self.governor.update)
+        finally:
+            self.governor.restore()
+
+    @torch.inference_mode()
+    def _steps(self, prompts: list[list[int]], params: list[SamplingParams], cancelled: set[int], tick
+               ) -> Iterator[list[TokenEvent]]:
+        """The run itself; ``tick()`` before each forward pass (the thread governor)."""
         model, cfg = self.model, self.model.config
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
         B, P = len(prompts), max(map(len, prompts))
@@ -163,4 +180,5 @@ class Engine:
                 active = [active[r] for r in keep]
             seen_BV.scatter_(1, tok_B[:, None], True)
             counts_BV.scatter_add_(1, tok_B[:, None], torch.ones_like(tok_B[:, None], dtype=torch.float32))
+            tick()
             logits_BV = model(tok_B[:, None], cache=cache)[:, -1]
