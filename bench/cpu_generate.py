@@ -16,8 +16,12 @@ Hugging Face layout) and are timed the same way, in the same process:
   decode round is paired with its own probe (this machine's bandwidth drifts), and the
   "% of floor" column is the median over rounds;
 
+- contention: decode at batch 1 again while a second process keeps one core busy (a Python
+  spin loop, started before and stopped after each contender's round), median of the rounds.
+
 transformers runs every ``experts_implementation`` that suits a CPU (eager and
 grouped_mm; batched_mm is documented as unsuitable there) and the best is the peer.
+The CPU model, its ISA extensions and the kernel path of every op are printed and recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moekit  # noqa: E402
 from moekit.engine import Engine, SamplingParams  # noqa: E402
 from moekit.families import get_family  # noqa: E402
+from moekit.kernels import cpu  # noqa: E402
 
 COMMON = {"vocab_size": 8000, "hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16,
           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "bos_token_id": 1,
@@ -175,12 +181,34 @@ def measure(contenders: list, floor_bytes, rounds: int = 3) -> dict[str, dict[st
     return out
 
 
+SPIN = "while True: pass"
+
+
+def measure_contended(contenders: list, rounds: int = 3) -> dict[str, float]:
+    """Decode tok/s at batch 1 while another process spins on one core (median of ``rounds``)."""
+    speeds = {c.name: [] for c in contenders}
+    for _ in range(rounds):
+        for c in contenders:
+            spin = subprocess.Popen([sys.executable, "-c", SPIN])
+            try:
+                time.sleep(0.3)
+                c.generate(1, 8)  # warm-up under load (moekit's thread governor finds the free cores here)
+                full = _timed(lambda: c.generate(1, NEW + 1))
+                one = _timed(lambda: c.generate(1, 1))
+            finally:
+                spin.kill()
+                spin.wait()
+            speeds[c.name].append(NEW / (full - one))
+    return {name: statistics.median(v) for name, v in speeds.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="mixtral,xverse")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hf-impls", default="eager,grouped_mm")
+    ap.add_argument("--no-contention", action="store_true", help="skip decode beside a busy process")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,9 +216,12 @@ def main() -> None:
     elt = torch.finfo(dtype).bits // 8
     import transformers
 
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{args.threads} threads", "torch": torch.__version__, "transformers": transformers.__version__,
-               "dtype": args.dtype, "matmul_gflops": probe_matmul_gflops(dtype), "shapes": {}}
+    model_name = cpu.cpu_info()["model"] or platform.processor() or platform.machine()
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{model_name}, {args.threads} threads",
+               "cpu": model_name, "isa": cpu.isa(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "dtype": args.dtype,
+               "matmul_gflops": probe_matmul_gflops(dtype), "shapes": {}}
+    print(f"{model_name}; ISA: {' '.join(results['isa'])}", flush=True)
     copies = [probe_copy_gbs()]  # probed again before every model; the floor uses the median
     results["copy_gbs"] = copies[0]
     print(f"copy bandwidth {results['copy_gbs']:.1f} GB/s (read + write), "
@@ -204,7 +235,12 @@ def main() -> None:
             total, active = moekit.count_params(cfg)
             ours = Moekit(Path(tmp), dtype)
             peers = [Transformers(Path(tmp), dtype, impl) for impl in args.hf_impls.split(",")]
+            paths = ours.model.kernels.describe()
+            print("\n".join(paths), flush=True)
             speeds = measure([ours, *peers], lambda b: bytes_per_step(cfg, b, PROMPT + NEW // 2, elt))
+            if not args.no_contention:
+                for who, v in measure_contended([ours, *peers]).items():
+                    speeds[who]["decode_b1_contended"] = v
             del ours.model, ours.engine
             for p in peers:
                 del p.model
@@ -212,19 +248,21 @@ def main() -> None:
             print(f"[{name}] {who}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
         copies.append(probe_copy_gbs())
         rows = {}
-        for metric in ("decode_b1", "decode_b8", "prefill"):
+        for metric in ("decode_b1", "decode_b8", "prefill", "decode_b1_contended"):
+            if metric not in speeds[ours.name]:
+                continue
             mine = speeds[ours.name][metric]
             peer = max(peers, key=lambda p: speeds[p.name][metric])
             theirs = speeds[peer.name][metric]
             row = {"moekit": mine, "transformers": theirs, "transformers_impl": peer.impl, "ratio": mine / theirs}
-            if metric.startswith("decode"):
+            if metric in ("decode_b1", "decode_b8"):
                 batch = int(metric[-1])
                 row.update(floor=results["copy_gbs"] * 1e9 / bytes_per_step(cfg, batch, PROMPT + NEW // 2, elt) * batch,
                            moekit_pct_floor=speeds[ours.name][metric + "_pct_floor"],
                            transformers_pct_floor=speeds[peer.name][metric + "_pct_floor"])
             rows[metric] = row
         results["shapes"][name] = {"params_total": total, "params_active": active, "moekit": ours.name,
-                                   "metrics": rows, "all": speeds}
+                                   "kernel_paths": paths, "metrics": rows, "all": speeds}
     print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -232,12 +270,15 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lo, hi = r["copy_gbs_range"]
-    lines = [f"{r['date']}, {r['machine']}, torch {r['torch']}, transformers {r['transformers']}, {r['dtype']}; "
+    isa = f" ({' '.join(r['isa'])})" if r.get("isa") else ""
+    lines = [f"{r['date']}, {r['machine']}{isa}, torch {r['torch']}, "
+             f"transformers {r['transformers']}, {r['dtype']}; "
              f"copy {r['copy_gbs']:.1f} GB/s (median; {lo:.1f}-{hi:.1f}), matmul {r['matmul_gflops']:.0f} GFLOP/s", "",
              "| model | metric | moekit | transformers (best impl) | ratio | moekit % floor | transformers % floor |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     names = {"decode_b1": "decode, batch 1 (tok/s)", "decode_b8": "decode, batch 8 (tok/s)",
-             "prefill": f"prefill, {PREFILL} tokens (tok/s)"}
+             "prefill": f"prefill, {PREFILL} tokens (tok/s)",
+             "decode_b1_contended": "decode, batch 1, one core busy (tok/s)"}
     for shape, s in r["shapes"].items():
         label = f"{shape} ({s['params_total'] / 1e6:.0f}M, {s['params_active'] / 1e6:.0f}M active)"
         for metric, row in s["metrics"].items():
