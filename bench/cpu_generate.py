@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moekit  # noqa: E402
 from moekit.engine import Engine, SamplingParams  # noqa: E402
 from moekit.families import get_family  # noqa: E402
-from moekit.kernels import cpu  # noqa: E402
+from moekit.machine import cpu_info, isa  # noqa: E402
 
 COMMON = {"vocab_size": 8000, "hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16,
           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "bos_token_id": 1,
@@ -216,9 +216,9 @@ def main() -> None:
     elt = torch.finfo(dtype).bits // 8
     import transformers
 
-    model_name = cpu.cpu_info()["model"] or platform.processor() or platform.machine()
+    model_name = cpu_info()["model"] or platform.processor() or platform.machine()
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{model_name}, {args.threads} threads",
-               "cpu": model_name, "isa": cpu.isa(), "torch": torch.__version__,
+               "cpu": model_name, "isa": isa(), "torch": torch.__version__,
                "transformers": transformers.__version__, "dtype": args.dtype,
                "matmul_gflops": probe_matmul_gflops(dtype), "shapes": {}}
     print(f"{model_name}; ISA: {' '.join(results['isa'])}", flush=True)

@@ -156,12 +156,17 @@ def test_gemm_pick_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
     monkeypatch.delenv("MOEKIT_CPU_GEMM", raising=False)
     monkeypatch.setattr(cpu, "extension", lambda: "ext")  # the timing is faked; the cache is real
+    monkeypatch.setattr(cpu.OtherLoad, "cores", lambda self: 0.0)
     timed = []
     monkeypatch.setattr(cpu, "_time_gemms", lambda ext, dtype: timed.append(dtype) or {"moekit": 2.0, "aten": 1.0})
     first = cpu.pick_gemm(torch.bfloat16)
     assert first["gemm"] == "aten" and first["seconds"] == {"moekit": 2.0, "aten": 1.0} and len(timed) == 1
     assert cpu.pick_gemm(torch.bfloat16) == first and len(timed) == 1  # read back, not measured again
     assert len(list(tmp_path.rglob("gemm-bfloat16-*threads.json"))) == 1
+    monkeypatch.setattr(cpu.OtherLoad, "cores", lambda self: 1.0)  # another process kept a core busy
+    busy = cpu.pick_gemm(torch.float32)
+    assert busy["gemm"] == "aten" and "not cached" in busy["source"] and len(timed) == 2
+    assert not list(tmp_path.rglob("gemm-float32-*"))  # measured again next time
     monkeypatch.setenv("MOEKIT_CPU_GEMM", "moekit")
     assert cpu.pick_gemm(torch.bfloat16)["gemm"] == "moekit"
     monkeypatch.setenv("MOEKIT_CPU_GEMM", "amx")

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from moekit.engine import threads
+from moekit import machine
 from moekit.engine.threads import ThreadGovernor
 
 
@@ -16,9 +16,9 @@ class Clock:
 
     def __init__(self, monkeypatch):
         self.wall = self.busy = self.ours = 0.0
-        monkeypatch.setattr(threads.time, "monotonic", lambda: self.wall)
-        monkeypatch.setattr(threads.time, "process_time", lambda: self.ours)
-        monkeypatch.setattr(threads, "_busy_seconds", lambda cpus: self.busy)
+        monkeypatch.setattr(machine.time, "monotonic", lambda: self.wall)
+        monkeypatch.setattr(machine.time, "process_time", lambda: self.ours)
+        monkeypatch.setattr(machine, "busy_seconds", lambda cpus: self.busy)
 
     def advance(self, seconds: float, ours: float, others: float) -> None:
         """``seconds`` pass with this process using ``ours`` cores and the others ``others``."""
@@ -38,7 +38,7 @@ def two_threads():
 def test_threads_follow_the_free_cores(monkeypatch, two_threads):
     clock = Clock(monkeypatch)
     gov = ThreadGovernor(interval=0.25)
-    gov.cpus = {0, 1}
+    gov.load.cpus = {0, 1}
     assert gov.start() == 2 and torch.get_num_threads() == 2
     clock.advance(0.3, ours=1.3, others=0.7)  # a spinning process took its share of our 2 threads
     assert gov.update() == 1 and torch.get_num_threads() == 1
@@ -58,7 +58,7 @@ def test_threads_follow_the_free_cores(monkeypatch, two_threads):
 def test_the_users_thread_count_is_the_ceiling(monkeypatch, two_threads):
     clock = Clock(monkeypatch)
     gov = ThreadGovernor(interval=0.25)
-    gov.cpus = {0, 1, 2, 3}
+    gov.load.cpus = {0, 1, 2, 3}
     torch.set_num_threads(2)
     gov.start()
     clock.advance(0.3, ours=2.0, others=0.0)  # 4 free cores, but the user asked for 2
@@ -66,15 +66,14 @@ def test_the_users_thread_count_is_the_ceiling(monkeypatch, two_threads):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
-def test_busy_seconds_count_another_process():
-    cpus = threads.os.sched_getaffinity(0)
+def test_other_load_counts_another_process():
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        t0, b0 = time.monotonic(), threads._busy_seconds(cpus)
+        load = machine.OtherLoad()
         time.sleep(1.0)
-        busy = (threads._busy_seconds(cpus) - b0) / (time.monotonic() - t0)
+        others = load.cores()
     finally:
         spin.kill()
         spin.wait()
-    assert busy > 0.6  # the spinning process kept (most of) a core busy
+    assert others > 0.6  # the spinning process kept (most of) a core busy; this one slept

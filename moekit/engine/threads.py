@@ -12,27 +12,13 @@ many threads as there are cores the others leave free (at most the user's thread
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
+from moekit.machine import OtherLoad
+
 log = logging.getLogger(__name__)
-
-
-def _busy_seconds(cpus: set[int]) -> float | None:
-    """CPU seconds spent busy (not idle, not waiting for I/O) on ``cpus`` since boot; None without /proc."""
-    try:
-        lines = open("/proc/stat").read().splitlines()
-    except OSError:
-        return None
-    ticks = 0
-    for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            values = [int(v) for v in fields[:8]]
-            ticks += sum(values) - values[3] - values[4]  # minus idle and iowait
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ThreadGovernor:
@@ -43,10 +29,9 @@ class ThreadGovernor:
     """
 
     def __init__(self, interval: float = 0.25):
-        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-        self.interval = interval
+        self.load, self.interval = OtherLoad(), interval
         self.max_threads = self.threads = torch.get_num_threads()
-        self._last: tuple[float, float, float] | None = None  # (wall, all busy seconds, our CPU seconds)
+        self._checked = time.monotonic()
 
     def start(self) -> int:
         self.max_threads = torch.get_num_threads()
@@ -56,20 +41,17 @@ class ThreadGovernor:
     def update(self) -> int:
         """The thread count for the next step (and torch set to it)."""
         now = time.monotonic()
-        if self._last is None or now - self._last[0] >= self.interval:
-            busy = _busy_seconds(self.cpus)
-            if busy is None:
-                return self.threads
-            sample = (now, busy, time.process_time())
-            if self._last is not None:
-                wall = now - self._last[0]
-                others = max(0.0, (busy - self._last[1]) - (sample[2] - self._last[2])) / wall
-                want = max(1, min(self.max_threads, int(len(self.cpus) - others + 0.5)))
+        if now - self._checked >= self.interval:
+            others = self.load.cores()
+            self.load.start()
+            self._checked = now
+            if others is not None:
+                free = len(self.load.cpus) - others
+                want = max(1, min(self.max_threads, int(free + 0.5)))
                 if want != self.threads:
                     log.info("other processes keep %.1f of %d cores busy: decoding on %d thread%s", others,
-                             len(self.cpus), want, "s" * (want > 1))
+                             len(self.load.cpus), want, "s" * (want > 1))
                     self.threads = want
-            self._last = sample
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         return self.threads

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.kernels import reference
+from moekit.machine import isa
 
 NAMES = ("reference", "cpu", "triton", "auto")
 AUTO_MIN_PARAMS = 50_000_000
@@ -103,7 +104,7 @@ def get_backend(name: str = "reference", params: int | None = None, device=None,
                 raise
             warnings.warn(f"moekit: CPU kernels unavailable ({e}); using the reference path", stacklevel=2)
             return _reference(f"CPU kernels unavailable: {e}")
-        return Backend.of("cpu", impl, impl.paths(), f"{', '.join(cpu.isa())}")
+        return Backend.of("cpu", impl, impl.paths(), ", ".join(isa()))
     if name == "cpu":
         raise ValueError(f"kernel backend 'cpu' cannot run here: {why}")
     return _reference(f"auto: {why}")
