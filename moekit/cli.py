@@ -44,6 +44,25 @@ def cmd_info(args: argparse.Namespace) -> None:
     else:
         raise UsageError(f"{target!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
     print("\n".join(describe(cfg, name)))
+    if args.kernels:
+        print("\n".join(_kernel_lines(cfg, args.dtype)))
+
+
+def _kernel_lines(cfg, dtype: str | None) -> list[str]:
+    """This machine, and which kernel runs each op of ``cfg`` when loaded (``info --kernels``)."""
+    import torch
+
+    from moekit.config import count_params
+    from moekit.kernels import get_backend
+    from moekit.machine import cpu_info, isa
+    from moekit.weights.load import as_dtype
+
+    info = cpu_info()
+    dt = as_dtype(dtype or cfg.extra.get("torch_dtype") or "float32")
+    lines = ["", f"machine: {info['model'] or 'unknown CPU'}, {torch.get_num_threads()} torch threads; "
+             f"ISA: {' '.join(isa()) or 'none of AVX2 / AVX-512 / AMX'}; torch {torch.__version__}",
+             f"loaded as {str(dt).removeprefix('torch.')} on the CPU:"]
+    return lines + get_backend("auto", count_params(cfg)[0], "cpu", dt).describe()
 
 
 SAMPLING_FLAGS = {  # flag -> (type, help); None defaults defer to generation_config.json
@@ -94,7 +113,8 @@ def _load(args: argparse.Namespace):
     lm = CausalLM.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
                                   progress=True)
     print(f"loaded {args.model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+          f"in {time.perf_counter() - t0:.1f} s; {lm.model.kernels.describe()[0]} (moekit info --kernels)",
+          file=sys.stderr)
     return lm
 
 
@@ -246,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="architecture, layer layout and parameter counts")
     info.add_argument("model", nargs="?", help="checkpoint folder or preset name (default: the embedded model)")
+    info.add_argument("--kernels", action="store_true", help="also this CPU and which kernel runs each op")
+    info.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="with --kernels (default: config's)")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)")
     gen.add_argument("--prompt", required=True, help="the prompt text")

@@ -22,6 +22,19 @@ def test_info_shows_leading_dense_layers():
     assert "MoE 1-27; dense 0 (FFN width 10944)" in r.stdout
 
 
+def test_info_kernels_names_the_machine_and_each_ops_path():
+    from moekit.kernels import cpu
+    from moekit.machine import cpu_info
+
+    r = run("info", "mixtral-8x7b", "--kernels", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert f"machine: {cpu_info()['model'] or 'unknown CPU'}" in r.stdout and "ISA: " in r.stdout
+    if cpu.supported():
+        assert "kernels: cpu (" in r.stdout and "  experts: moekit fused MoE; experts with >= 16 tokens: " in r.stdout
+    r = run("info", "mixtral-8x7b", "--kernels", "--dtype", "float16")
+    assert "kernels: reference (auto: " in r.stdout and "float16" in r.stdout
+
+
 def test_info_unknown_target_is_one_line_error():
     r = run("info", "/no/such/model")
     assert r.returncode == 2
