@@ -49,6 +49,26 @@ struct Job {
   std::vector<A> x, act;
 };
 
+// The pair kernel (two 32-row blocks per pass) applies: bf16 with AVX512-BF16 and enough tokens.
+template <typename A>
+bool pairs(int64_t n, int64_t K) {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<A, bf16> && n >= VNNI_MIN_TOKENS && K % 2 == 0;
+#else
+  return false;
+#endif
+}
+template <typename A>
+bool paired_down(const Job<A>& job) { return pairs<A>(job.tok.size(), job.F); }
+
+template <typename A>
+inline void pair_rows(const A* Wa, const A* Wb, int64_t rows, const A* X, int64_t T, int64_t K, float* Ya, float* Yb,
+                      int64_t ldo, std::vector<uint32_t>& pack) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<A, bf16>) gemm_pair_vnni(Wa, Wb, rows, X, T, K, Ya, Yb, ldo, pack);
+#endif
+}
+
 // One expert over its gathered tokens with ATen's GEMMs (oneDNN: AMX tiles where the CPU has them),
 // the activation rounded as torch rounds it; out [n, D] float32 holds the (rounded) expert output.
 template <typename A>
@@ -104,26 +124,43 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
       const int64_t F = job.F, n = job.tok.size(), f0 = item_blk[it] * BLOCK, f1 = std::min(F, f0 + BLOCK), nf = f1 - f0;
       g.assign(n * nf, 0.f);
       u.assign(n * nf, 0.f);
-      matmul_rows<A>(job.w13 + f0 * D, 0, nf, job.x.data(), n, D, g.data(), nf, pack);
-      matmul_rows<A>(job.w13 + (F + f0) * D, 0, nf, job.x.data(), n, D, u.data(), nf, pack);
+      if (pairs<A>(n, D)) {
+        pair_rows<A>(job.w13 + f0 * D, job.w13 + (F + f0) * D, nf, job.x.data(), n, D, g.data(), u.data(), nf, pack);
+      } else {
+        matmul_rows<A>(job.w13 + f0 * D, 0, nf, job.x.data(), n, D, g.data(), nf, pack);
+        matmul_rows<A>(job.w13 + (F + f0) * D, 0, nf, job.x.data(), n, D, u.data(), nf, pack);
+      }
       for (int64_t i = 0; i < n; ++i)  // round like torch: gate, up and silu(gate) land in the activation dtype
         swiglu_row<A>(g.data() + i * nf, u.data() + i * nf, nf, job.act.data() + i * F + f0);
     }
   });
-  // Phase 2: each work item streams one expert's down-projection rows for one D-block.
-  const int64_t nblk = (D + BLOCK - 1) / BLOCK;
-  std::vector<int64_t> small;  // the jobs phase 2 computes here
-  for (size_t j = 0; j < jobs.size(); ++j)
-    if (!big[j]) small.push_back(j);
-  std::vector<double> cost2(small.size() * nblk);
-  for (size_t i = 0; i < cost2.size(); ++i) cost2[i] = ITEM_COST + jobs[small[i / nblk]].tok.size();
+  // Phase 2: each work item streams one expert's down-projection rows for one D-block (two blocks at
+  // once where the pair kernel applies: many tokens, bf16).
+  std::vector<int64_t> item_d0, item_d1;
+  item_job.clear();
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (big[j]) continue;
+    const int64_t step = paired_down<A>(jobs[j]) ? 2 * BLOCK : BLOCK;
+    for (int64_t d0 = 0; d0 < D; d0 += step) {
+      item_job.push_back(j);
+      item_d0.push_back(d0);
+      item_d1.push_back(std::min(D, d0 + step));
+    }
+  }
+  std::vector<double> cost2(item_job.size());
+  for (size_t i = 0; i < cost2.size(); ++i)
+    cost2[i] = (ITEM_COST + jobs[item_job[i]].tok.size()) * (item_d1[i] - item_d0[i]) / BLOCK;
   balanced_for(cost2, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> pack;
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t j = small[it / nblk];
+      const int64_t j = item_job[it], d0 = item_d0[it], d1 = item_d1[it];
       auto& job = jobs[j];
-      const int64_t d0 = (it % nblk) * BLOCK, d1 = std::min(D, d0 + BLOCK);
-      matmul_rows<A>(job.w2, d0, d1, job.act.data(), job.tok.size(), job.F, out[j].data(), D, pack);
+      const int64_t n = job.tok.size(), F = job.F;
+      if (d1 - d0 == 2 * BLOCK && paired_down<A>(job))
+        pair_rows(job.w2 + d0 * F, job.w2 + (d0 + BLOCK) * F, BLOCK, job.act.data(), n, F, out[j].data() + d0,
+                  out[j].data() + d0 + BLOCK, D, pack);
+      else
+        matmul_rows<A>(job.w2, d0, d1, job.act.data(), n, F, out[j].data(), D, pack);
     }
   });
   // Combine in a fixed job order (deterministic), parallel over column blocks, each expert output

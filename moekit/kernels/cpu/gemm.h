@@ -154,8 +154,9 @@ inline void transpose16(const __m512i* in, __m512i* out) {
   }
 }
 
-// Pack rows [0, rows) (rows <= 32, missing rows zero) of W [*, K] (K even) into P [K/2][32] words.
-inline void pack_vnni(const bf16* W, int64_t ldw, int64_t rows, int64_t K, uint32_t* P) {
+// Pack rows [0, rows) (rows <= 32, missing rows zero) of W [*, K] (K even) into P [K/2][S] words
+// (columns 0-31 of each row of S; S = 32 for one block, 64 when two blocks share a pack).
+inline void pack_vnni(const bf16* W, int64_t ldw, int64_t rows, int64_t K, uint32_t* P, int64_t S = 32) {
   const int64_t K2 = K / 2;
   for (int half = 0; half < 2; ++half) {
     int64_t kk = 0;
@@ -166,12 +167,12 @@ inline void pack_vnni(const bf16* W, int64_t ldw, int64_t rows, int64_t K, uint3
         in[i] = r < rows ? _mm512_loadu_si512((const uint32_t*)(W + r * ldw) + kk) : _mm512_setzero_si512();
       }
       transpose16(in, out);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(P + (kk + j) * 32 + half * 16, out[j]);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(P + (kk + j) * S + half * 16, out[j]);
     }
     for (; kk < K2; ++kk)
       for (int i = 0; i < 16; ++i) {
         const int64_t r = half * 16 + i;
-        P[kk * 32 + half * 16 + i] = r < rows ? ((const uint32_t*)(W + r * ldw))[kk] : 0u;
+        P[kk * S + half * 16 + i] = r < rows ? ((const uint32_t*)(W + r * ldw))[kk] : 0u;
       }
   }
 }
@@ -203,6 +204,58 @@ inline void vnni_block(const uint32_t* P, int64_t K2, const bf16* X, int64_t ldx
     _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, o), acc[t][0]));
     _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, o + 16), acc[t][1]));
   }
+}
+
+// Two 32-row blocks packed side by side (P [K/2][64]) against TB tokens: ya[t * ldo + r] += block a,
+// yb[t * ldo + r] += block b. Each broadcast activation pair feeds four vectors (gate and up rows of
+// an expert at once), so a 6-token tile keeps 24 accumulators with 10 loads per 24 dot products.
+// `next_a`, `next_b` (optional): the following blocks, prefetched under the arithmetic as in vnni_block.
+template <int TB>
+inline void vnni_pair(const uint32_t* P, int64_t K2, const bf16* X, int64_t ldx, float* ya, float* yb, int64_t ldo,
+                      int64_t rows, const char* next_a, const char* next_b) {
+  __m512 acc[TB][4];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    if (next_a) {
+      _mm_prefetch(next_a + kk * 128, _MM_HINT_T1);
+      _mm_prefetch(next_a + kk * 128 + 64, _MM_HINT_T1);
+      _mm_prefetch(next_b + kk * 128, _MM_HINT_T1);
+      _mm_prefetch(next_b + kk * 128 + 64, _MM_HINT_T1);
+    }
+    __m512bh w[4];
+    for (int v = 0; v < 4; ++v) w[v] = (__m512bh)_mm512_loadu_si512(P + kk * 64 + v * 16);
+    for (int t = 0; t < TB; ++t) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)((const uint32_t*)(X + t * ldx))[kk]);
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], w[v], xb);
+    }
+  }
+  const __mmask16 m0 = (__mmask16)(rows >= 16 ? 0xffff : (1u << rows) - 1);
+  const __mmask16 m1 = (__mmask16)(rows >= 32 ? 0xffff : rows <= 16 ? 0 : (1u << (rows - 16)) - 1);
+  for (int t = 0; t < TB; ++t) {
+    float* dst[4] = {ya + t * ldo, ya + t * ldo + 16, yb + t * ldo, yb + t * ldo + 16};
+    for (int v = 0; v < 4; ++v) {
+      const __mmask16 m = v % 2 ? m1 : m0;
+      _mm512_mask_storeu_ps(dst[v], m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst[v]), acc[t][v]));
+    }
+  }
+}
+
+// Ya[t, r] += rows [0, rows) of Wa, Yb[t, r] += the same rows of Wb (rows <= 32), against X [T, K].
+inline void gemm_pair_vnni(const bf16* Wa, const bf16* Wb, int64_t rows, const bf16* X, int64_t T, int64_t K,
+                           float* Ya, float* Yb, int64_t ldo, std::vector<uint32_t>& pack) {
+  const int64_t K2 = K / 2;
+  pack.resize(K2 * 64);
+  pack_vnni(Wa, K, rows, K, pack.data(), 64);
+  pack_vnni(Wb, K, rows, K, pack.data() + 32, 64);
+  const char *na = (const char*)(Wa + 32 * K), *nb = (const char*)(Wb + 32 * K);  // may lie past W: never fault
+  int64_t t = 0;
+  for (; t + 6 <= T; t += 6, na = nb = nullptr)
+    vnni_pair<6>(pack.data(), K2, X + t * K, K, Ya + t * ldo, Yb + t * ldo, ldo, rows, na, nb);
+  for (; t + 2 <= T; t += 2, na = nb = nullptr)
+    vnni_pair<2>(pack.data(), K2, X + t * K, K, Ya + t * ldo, Yb + t * ldo, ldo, rows, na, nb);
+  for (; t < T; ++t, na = nb = nullptr)
+    vnni_pair<1>(pack.data(), K2, X + t * K, K, Ya + t * ldo, Yb + t * ldo, ldo, rows, na, nb);
 }
 
 // Y[t, r] += for weight rows [r0, r1) of W [*, K] against X [T, K], through packed 32-row blocks.
