@@ -181,7 +181,8 @@ def measure(contenders: list, floor_bytes, rounds: int = 3) -> dict[str, dict[st
     return out
 
 
-SPIN = "while True: pass"
+# a busy process that ends itself if this one dies (or after 10 minutes), so no spinner outlives the run
+SPIN = "import os, time\np, end = os.getppid(), time.monotonic() + 600\nwhile os.getppid() == p and time.monotonic() < end: pass"
 
 
 def measure_contended(contenders: list, rounds: int = 3) -> dict[str, float]:
