@@ -36,6 +36,8 @@ class ThreadGovernor:
     def start(self) -> int:
         self.max_threads = torch.get_num_threads()
         self.threads = min(self.threads, self.max_threads)
+        if self.threads != self.max_threads:
+            torch.set_num_threads(self.threads)
         return self.update()
 
     def update(self) -> int:
@@ -52,8 +54,7 @@ class ThreadGovernor:
                     log.info("other processes keep %.1f of %d cores busy: decoding on %d thread%s", others,
                              len(self.load.cpus), want, "s" * (want > 1))
                     self.threads = want
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+                    torch.set_num_threads(want)
         return self.threads
 
     def restore(self) -> None:
