@@ -114,9 +114,10 @@ def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
 class Moekit:
     """moekit's engine on the checkpoint (kernels chosen by ``auto``)."""
 
-    def __init__(self, folder: Path, dtype):
+    def __init__(self, folder: Path, dtype, governor: bool = True):
         self.model = moekit.load(folder, dtype=dtype, kernels="auto")
-        self.engine, self.name = Engine(self.model), f"moekit ({self.model.kernels.name} kernels)"
+        self.engine = Engine(self.model, adapt_threads=governor)
+        self.name = f"moekit ({self.model.kernels.name} kernels{'' if governor else ', fixed threads'})"
 
     def generate(self, batch: int, n: int) -> None:
         self.engine.generate(prompts(batch, PROMPT, batch),
@@ -210,6 +211,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hf-impls", default="eager,grouped_mm")
     ap.add_argument("--no-contention", action="store_true", help="skip decode beside a busy process")
+    ap.add_argument("--no-governor", action="store_true", help="moekit on a fixed thread count (no thread governor)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -234,7 +236,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = write_checkpoint(SHAPES[name], dtype, Path(tmp))
             total, active = moekit.count_params(cfg)
-            ours = Moekit(Path(tmp), dtype)
+            ours = Moekit(Path(tmp), dtype, governor=not args.no_governor)
             peers = [Transformers(Path(tmp), dtype, impl) for impl in args.hf_impls.split(",")]
             paths = ours.model.kernels.describe()
             print("\n".join(paths), flush=True)
