@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+from moekit.errors import MoekitError
+
 log = logging.getLogger("moekit")
 PIECE = "\ue000moekit:piece\ue000"  # rendered for {{ piece }}; never inside message content
 REPLY = "\ue001"  # brackets a placeholder for an assistant message's token_ids while rendering
@@ -74,7 +76,7 @@ FAMILY_FORMATS = {"xverse": "xverse-moe", "mixtral": "chatml", "orion": "orion",
 ROLES = ("system", "user", "assistant", "exec", "tool")
 
 
-class ChatError(ValueError):
+class ChatError(MoekitError):
     """A chat request cannot be rendered; the message names the message or the template."""
 
 

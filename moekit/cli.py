@@ -1,18 +1,54 @@
-"""The ``moekit`` command: a thin layer over the library's functions."""
+"""The ``moekit`` command: a thin layer over the library's functions.
+
+moekit's own errors (:class:`moekit.errors.MoekitError`, :class:`CheckpointError`, :class:`UsageError`)
+print as one line and exit 2; anything else is a bug and keeps its traceback. Ctrl-C exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from moekit.config import ConfigError
+from moekit.errors import MoekitError
 from moekit.weights.io import CheckpointError
 
+log = logging.getLogger("moekit")
 
-class UsageError(Exception):
+
+class UsageError(MoekitError):
     """A command-line problem that deserves one line, not a traceback."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _text(value: str, what: str) -> str:
+    """``value`` with bytes that were not UTF-8 (Python keeps them as surrogate escapes) replaced by U+FFFD,
+    and a note naming ``what``; the tokenizers cannot encode surrogates."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = value.encode("utf-8", errors="surrogateescape")  # the bytes as given
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        raw = value.encode("utf-8", errors="replace")
+    fixed = raw.decode("utf-8", errors="replace")
+    bad = sum(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    log.warning("%s: %d byte(s) are not valid UTF-8; replaced with U+FFFD", what, bad)
+    return fixed
 
 
 def _default_model() -> str:
@@ -65,6 +101,7 @@ def _kernel_lines(cfg, dtype: str | None) -> list[str]:
     return lines + get_backend("auto", count_params(cfg)[0], "cpu", dt).describe()
 
 
+
 SAMPLING_FLAGS = {  # flag -> (type, help); None defaults defer to generation_config.json
     "max_new_tokens": (int, "tokens to generate at most"),
     "temperature": (float, "0 = greedy"),
@@ -82,7 +119,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded demo model, docs/default-model.md)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--chat-format", help="override the chat format (xverse-moe, chatml, orion, vicuna, deepseek)")
     p.add_argument("--system", help="system message for chat formatting")
     for name, (typ, help_) in SAMPLING_FLAGS.items():
@@ -97,10 +134,14 @@ def _load(args: argparse.Namespace):
 
     import torch
 
-    from moekit.engine import CausalLM
+    from moekit.chat import TEMPLATES
+    from moekit.engine import CausalLM, SamplingParams
 
-    from moekit.engine import SamplingParams
-
+    if args.chat_format is not None and args.chat_format not in TEMPLATES:
+        raise UsageError(f"--chat-format {args.chat_format!r}: not a chat format; choose one of {', '.join(TEMPLATES)}")
+    if args.system is not None:
+        args.system = _text(args.system, "--system")
+    args.stop = [_text(s, "--stop") for s in args.stop]
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
@@ -155,12 +196,13 @@ def _print_stream(pieces) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     from moekit.engine import TextGenerator
 
+    prompt = _text(args.prompt, "--prompt")
     lm = _load(args)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = _chat_ids(lm, msgs + [{"role": "user", "content": args.prompt}], args)
+        ids = _chat_ids(lm, msgs + [{"role": "user", "content": prompt}], args)
     else:
-        ids = lm.tokenizer.encode(args.prompt)
+        ids = lm.tokenizer.encode(prompt)
     params = _sampling(lm, args, len(ids))
     gen = TextGenerator(lm.engine, lm.tokenizer)
     if args.stream:
@@ -172,9 +214,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     """Multi-turn chat. Past replies keep the ids the model produced (``token_ids`` on the assistant
     message), so a per-piece format such as XVERSE's puts exactly those ids in the next prompt; their
-    text is ``decode(ids)``, what was printed, for formats that render one string."""
+    text is ``decode(ids)``, what was printed, for formats that render one string. A turn that fails
+    (a message too long for the context, ...) is reported and dropped; the session goes on."""
     from moekit.engine import TextGenerator
 
+    if sys.stdin is None or sys.stdin.closed:
+        raise UsageError("chat reads messages from standard input, which is closed; "
+                         "use moekit generate --prompt ... for one answer")
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach _text instead of raising
+        sys.stdin.reconfigure(errors="surrogateescape")
     lm = _load(args)
     gen = TextGenerator(lm.engine, lm.tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -196,20 +244,24 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
-        ids = _chat_ids(lm, system + history, args)
+        turn = [{"role": "user", "content": _text(line, "your message")}]
         text, reply_ids, last = "", [], None
-        for last in gen.stream([ids], _sampling(lm, args, len(ids))):
-            text += last.text
-            reply_ids.append(last.token_id)
-            print(last.text, end="", flush=True)
+        try:
+            ids = _chat_ids(lm, system + history + turn, args)
+            for last in gen.stream([ids], _sampling(lm, args, len(ids))):
+                text += last.text
+                reply_ids.append(last.token_id)
+                print(last.text, end="", flush=True)
+        except MoekitError as e:  # the engine checks a prompt before generating from it
+            print(f"moekit chat: error: {e} (message dropped; the conversation goes on)", file=sys.stderr)
+            continue
         print()
         reply = {"role": "assistant", "content": text}
         if last.finish_reason == "stop" and isinstance(last.stop_reason, int):
             reply_ids.pop()  # the end-of-turn id: the format writes its own after the reply
         if not isinstance(last.stop_reason, str):  # a stop string cuts the text between ids: keep the text
             reply["token_ids"] = reply_ids
-        history.append(reply)
+        history += turn + [reply]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -220,13 +272,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides: dict = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise UsageError(f"--set {item!r}: expected key=value (dotted keys for nested fields)")
         node = overrides
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {item!r}: {part} was given a value by an earlier --set")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[leaf] = value  # a plain string; the field's type decides
     if not Path(args.config).is_file():
         raise UsageError(f"{args.config!r}: no such run file")
     rec = train(load_config(args.config, overrides), resume=args.resume)
@@ -313,23 +370,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    import logging
+def _unconverted(e: ValueError) -> bool:
+    """A plain ValueError from a module that still raises those for bad input (remove once they raise MoekitError)."""
+    tb = e.__traceback__
+    while tb and tb.tb_next:
+        tb = tb.tb_next
+    return type(e) is ValueError and tb is not None and tb.tb_frame.f_globals.get("__name__") in (
+        "moekit.upcycle", "moekit.weights.save")
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     notes = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
     notes.setFormatter(logging.Formatter(f"moekit {args.command}: note: %(message)s"))
-    logging.getLogger("moekit").addHandler(notes)
+    log.addHandler(notes)
     try:
         args.func(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (UsageError, ConfigError, CheckpointError, ValueError) as e:
+    except ValueError as e:  # moekit's own errors name the bad input; anything else is a bug: traceback
+        if not isinstance(e, (MoekitError, CheckpointError)) and not _unconverted(e):
+            raise
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        logging.getLogger("moekit").removeHandler(notes)
+        log.removeHandler(notes)
     return 0
 
 

@@ -16,13 +16,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moekit.errors import MoekitError
+
 NormKind = Literal["rms", "layer"]
 RouterKind = Literal["linear", "mlp"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 AuxLoss = Literal["switch", "cv2", "none"]
 
 
-class ConfigError(ValueError):
+class ConfigError(MoekitError):
     """A configuration field is missing or out of range; the message names it."""
 
 

@@ -12,8 +12,10 @@ import json
 import re
 from pathlib import Path
 
+from moekit.errors import MoekitError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(MoekitError):
     """A tokenizer folder is unusable; the message names the file."""
 
 
@@ -26,8 +28,10 @@ def _read(path: Path) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:

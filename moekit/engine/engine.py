@@ -19,6 +19,7 @@ from moekit.engine.cuda_graph import applies as graph_applies
 from moekit.engine.kv_cache import KVCache
 from moekit.engine.sampling import SamplingParams, sample
 from moekit.engine.threads import ThreadGovernor
+from moekit.errors import MoekitError
 from moekit.models import MoEDecoder
 
 
@@ -84,23 +85,23 @@ class Engine:
             prompts = [prompts]
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
-            raise ValueError("prompts: at least one prompt is needed")
+            raise MoekitError("prompts: at least one prompt is needed")
         vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             if not p:
-                raise ValueError(f"prompt {i} is empty")
+                raise MoekitError(f"prompt {i} is empty")
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
+                raise MoekitError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+            raise MoekitError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         limit = self.model.config.max_position_embeddings
         for i, (p, sp) in enumerate(zip(prompts, params)):
             if len(p) + sp.max_new_tokens > limit and self.model.config.rope_scaling is None:
-                raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={sp.max_new_tokens} exceed "
-                                 f"the model's context of {limit}")
+                raise MoekitError(f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={sp.max_new_tokens} exceed "
+                                  f"the model's context of {limit}")
         return prompts, list(params)
 
     def stream(self, prompts, params: SamplingParams | list[SamplingParams] = SamplingParams()) -> Stream:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moekit.errors import MoekitError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -53,7 +55,7 @@ class SamplingParams:
         ]
         for name, ok, want in checks:
             if not ok:
-                raise ValueError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: must be {want}")
+                raise MoekitError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: must be {want}")
 
     @property
     def greedy(self) -> bool:

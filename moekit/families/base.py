@@ -62,6 +62,14 @@ def need(hf: dict, key: str):
     return hf[key]
 
 
+def need_count(hf: dict, key: str) -> int:
+    """A required positive-integer config.json field (a size or a count), or a ConfigError naming it."""
+    v = need(hf, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"config.json field {key!r}={v!r} must be a positive integer")
+    return v
+
+
 def check_silu(hf: dict) -> None:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
@@ -92,7 +100,7 @@ def rope_to_hf(cfg: ModelConfig, hf: dict) -> None:
 def llama_fields(hf: dict, norm_eps_default: float = 1e-6) -> dict:
     """ModelConfig keyword arguments every LLaMA-lineage config.json shares."""
     check_silu(hf)
-    heads, d = need(hf, "num_attention_heads"), need(hf, "hidden_size")
+    heads, d = need_count(hf, "num_attention_heads"), need_count(hf, "hidden_size")
     if not hf.get("head_dim") and d % heads:
         raise ConfigError(f"config.json field 'hidden_size'={d} is not divisible by num_attention_heads={heads}")
     theta, scaling = rope_from_hf(hf)

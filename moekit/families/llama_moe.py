@@ -12,7 +12,7 @@ carry ``rotary_emb.inv_freq`` buffers, which are accepted and skipped.
 from __future__ import annotations
 
 from moekit.config import ConfigError, ModelConfig, MoEConfig
-from moekit.families.base import LLAMA_NAMES, Family, llama_fields, llama_to_hf, need, source_or
+from moekit.families.base import LLAMA_NAMES, Family, llama_fields, llama_to_hf, need, need_count, source_or
 
 TEMPLATE = {"architectures": ["LlamaMoEForCausalLM"], "model_type": "llama_moe", "torch_dtype": "bfloat16",
             "gate_type": "TopKBalancedNoisyGate", "calculator_type": "UniversalCalculator",
@@ -35,7 +35,7 @@ def to_config(hf: dict, names: frozenset[str] = frozenset()) -> ModelConfig:
         if key in hf and hf[key] != want:
             raise ConfigError(f"config.json field {key!r}={hf[key]!r} is not supported (moekit reads {want!r})")
     kw = llama_fields(hf, 1e-6)
-    e, layers = need(hf, "num_experts"), kw["num_layers"]
+    e, layers = need_count(hf, "num_experts"), kw["num_layers"]
     sizes = hf.get("size_experts")
     if sizes is None:
         total = need(hf, "intermediate_size")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moekit.errors import MoekitError
 from moekit.kernels import reference
 from moekit.machine import isa
 
@@ -71,7 +72,7 @@ def _triton(name: str) -> Backend:
         from moekit.kernels import triton as kernels
     except ImportError as e:
         if name == "triton":
-            raise ValueError(f"kernel backend 'triton' needs the triton package ({e})") from None
+            raise MoekitError(f"kernel backend 'triton' needs the triton package ({e})") from None
         warnings.warn(f"moekit: Triton kernels unavailable ({e}); using the reference path", stacklevel=3)
         return _reference(f"Triton unavailable: {e}")
     return Backend.of("triton", kernels, {"experts, routing, norms, rotary": "Triton",
@@ -82,7 +83,7 @@ def get_backend(name: str = "reference", params: int | None = None, device=None,
     """The kernels of backend ``name`` (``params``: model size; ``device`` and ``dtype``: where and
     how the weights live; all three used by ``auto``)."""
     if name not in NAMES:
-        raise ValueError(f"unknown kernel backend {name!r}; available: {', '.join(NAMES)}")
+        raise MoekitError(f"unknown kernel backend {name!r}; available: {', '.join(NAMES)}")
     if name == "triton" or (name == "auto" and device is not None and torch.device(device).type == "cuda"):
         return _triton(name)
     if name == "reference":
@@ -106,5 +107,5 @@ def get_backend(name: str = "reference", params: int | None = None, device=None,
             return _reference(f"CPU kernels unavailable: {e}")
         return Backend.of("cpu", impl, impl.paths(), ", ".join(isa()))
     if name == "cpu":
-        raise ValueError(f"kernel backend 'cpu' cannot run here: {why}")
+        raise MoekitError(f"kernel backend 'cpu' cannot run here: {why}")
     return _reference(f"auto: {why}")

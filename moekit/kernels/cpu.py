@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.errors import MoekitError
 from moekit.kernels import reference
 from moekit.machine import OtherLoad, cpu_info
 
@@ -97,7 +98,7 @@ def pick_gemm(dtype: torch.dtype) -> dict:
     forced = os.environ.get("MOEKIT_CPU_GEMM")
     if forced:
         if forced not in GEMMS:
-            raise ValueError(f"MOEKIT_CPU_GEMM={forced!r}: use one of {', '.join(GEMMS)}")
+            raise MoekitError(f"MOEKIT_CPU_GEMM={forced!r}: use one of {', '.join(GEMMS)}")
         return {"gemm": forced, "seconds": {}, "source": "MOEKIT_CPU_GEMM"}
     name = str(dtype).removeprefix("torch.")
     cache = _build_dir() / f"gemm-{name}-{torch.get_num_threads()}threads.json"

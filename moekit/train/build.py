@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
 
 from moekit.chat import ChatFormat
-from moekit.config import ModelConfig
+from moekit.config import ConfigError, ModelConfig, count_params
 from moekit.families import detect_family
 from moekit.models import MoEDecoder
 from moekit.presets import PRESETS
@@ -32,15 +33,15 @@ def apply_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     bad = sorted(set(over) - known)
     if bad:
-        raise ValueError(f"model.overrides: unknown ModelConfig field(s) {bad}")
+        raise ConfigError(f"model.overrides: unknown ModelConfig field(s) {bad}")
     moe = cfg.moe
     if "moe" in overrides:
         if moe is None:
-            raise ValueError("model.overrides.moe: this model has no experts")
+            raise ConfigError("model.overrides.moe: this model has no experts")
         moe_known = {f.name for f in dataclasses.fields(type(moe))}
         bad = sorted(set(overrides["moe"]) - moe_known)
         if bad:
-            raise ValueError(f"model.overrides.moe: unknown MoEConfig field(s) {bad}")
+            raise ConfigError(f"model.overrides.moe: unknown MoEConfig field(s) {bad}")
         moe = dataclasses.replace(moe, **{k: _tuples(v) for k, v in overrides["moe"].items()})
     return cfg.replace(**over, moe=moe)
 
@@ -54,26 +55,45 @@ def build_model(spec: ModelSpec, seed: int = 0) -> MoEDecoder:
         extra = set(spec.overrides) - {"moe"}
         moe_extra = set(spec.overrides.get("moe", {})) - TRAINING_KNOBS
         if extra or moe_extra:
-            raise ValueError(f"model.overrides: {sorted(extra | moe_extra)} would change the shapes of the weights "
-                             f"in {spec.path}; only {sorted(TRAINING_KNOBS)} can change when starting from a checkpoint")
+            raise ConfigError(f"model.overrides: {sorted(extra | moe_extra)} would change the shapes of the weights "
+                              f"in {spec.path}; only {sorted(TRAINING_KNOBS)} can change when starting from a "
+                              f"checkpoint")
         if not spec.overrides:
             return base
         model = MoEDecoder(apply_overrides(base.config, spec.overrides))
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         if unexpected or any(not k.endswith("router.bias") for k in missing):
-            raise ValueError(f"cannot carry the weights over: missing {missing}, unexpected {unexpected}")
+            raise ConfigError(f"cannot carry the weights over: missing {missing}, unexpected {unexpected}")
         return model
     if spec.upcycle:
         from moekit.upcycle import upcycle_from_spec
 
         return upcycle_from_spec(spec.upcycle, spec.overrides, seed)
-    hf = PRESETS[spec.preset] if spec.preset else spec.config
     if spec.preset and spec.preset not in PRESETS:
-        raise ValueError(f"model.preset={spec.preset!r} is not a preset ({', '.join(PRESETS)})")
-    cfg = apply_overrides(detect_family(hf).to_config(dict(hf), frozenset()), spec.overrides)
+        raise ConfigError(f"model.preset={spec.preset!r} is not a preset ({', '.join(PRESETS)})")
+    hf = PRESETS[spec.preset] if spec.preset else spec.config
+    try:
+        base = detect_family(hf).to_config(dict(hf), frozenset())
+    except ConfigError as e:
+        raise ConfigError(f"model.{'preset' if spec.preset else 'config'}: {e}") from None
+    cfg = apply_overrides(base, spec.overrides)
+    _check_memory(cfg, "model.preset" if spec.preset else "model.config")
     model = MoEDecoder(cfg)
     model.init_weights(std=spec.init_std, generator=torch.Generator().manual_seed(seed))
     return model
+
+
+def _check_memory(cfg: ModelConfig, where: str) -> None:
+    """Refuse sizes whose float32 weights alone exceed this machine's memory, before trying to allocate them."""
+    params = count_params(cfg)[0]
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if params * 4 > have:
+        raise ConfigError(f"{where}: vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, "
+                          f"num_layers={cfg.num_layers} make {params:,} parameters, {params * 4 / 2**30:,.0f} GiB in "
+                          f"float32; this machine has {have / 2**30:,.0f} GiB")
 
 
 def tokenizer_key(folder: str | Path) -> str:
@@ -91,8 +111,8 @@ def build_streams(data: DataSpec, tok_dir: str, model: MoEDecoder, seed: int, pr
     cfg = model.config
     eos = tok.eos_token_id if tok.eos_token_id is not None else cfg.eos_token_id
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok_dir} has {tok.vocab_size} tokens, more than the model's "
-                         f"vocab_size={cfg.vocab_size}")
+        raise ConfigError(f"tokenizer {tok_dir} has {tok.vocab_size} tokens, more than the model's "
+                          f"vocab_size={cfg.vocab_size}")
     key = tokenizer_key(tok_dir)
     train, heldout = [], {}
     for i, src in enumerate(data.sources):

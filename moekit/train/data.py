@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,7 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from moekit.errors import MoekitError
 from moekit.weights.io import atomic_write
+
+log = logging.getLogger(__name__)
+FORMATS = ("text", "jsonl", "chat")
 
 
 @dataclass
@@ -46,28 +51,47 @@ class Source:
             out += [Path(m) for m in matches]
         missing = [str(f) for f in out if not f.is_file()]
         if not out or missing:
-            raise FileNotFoundError(f"data source {self.name!r}: no such file(s): {missing or self.paths}")
+            raise MoekitError(f"data source {self.name!r}: no such file(s): {missing or self.paths}")
         return out
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file. Binary files (NUL bytes) are refused; invalid bytes become U+FFFD with a
+    warning naming the file and how many bytes were replaced."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MoekitError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if b"\x00" in raw[:1 << 16]:
+        raise MoekitError(f"{path}: looks like a binary file (NUL bytes), not UTF-8 text; remove it from the "
+                          f"data sources")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
+        log.warning("%s: %d byte(s) are not valid UTF-8 (the first at byte %d); training on them as U+FFFD",
+                    path, bad, e.start)
+        return raw.decode("utf-8", errors="replace")
 
 
 def documents(source: Source):
     """The source's documents in a fixed order: str for text, list of messages for chat."""
     for path in source.files():
+        text = read_text(path)
         if source.format == "text":
-            text = path.read_text(encoding="utf-8", errors="replace")
             parts = text.split(source.separator) if source.separator else [text]
             yield from (p.strip() for p in parts if p.strip())
             continue
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise MoekitError(f"{path}:{n}: not valid JSON ({e})") from None
             key = "messages" if source.format == "chat" else "text"
-            if key not in row:
-                raise ValueError(f"{path}:{n}: missing field {key!r}")
+            if not isinstance(row, dict) or key not in row:
+                raise MoekitError(f"{path}:{n}: missing field {key!r}")
             yield row[key]
 
 
@@ -111,7 +135,7 @@ def build_shard(source: Source, encode, eos_id: int, vocab_size: int, cache_dir:
             masks[split].append(np.asarray(mask, dtype=np.uint8))
         n_docs += 1
     if not toks["train"]:
-        raise ValueError(f"data source {source.name!r}: no training documents")
+        raise MoekitError(f"data source {source.name!r}: no training documents")
     meta = {"source": source.name, "documents": n_docs, "dtype": np.dtype(dtype).name}
     for split, parts in toks.items():
         arr = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
@@ -134,7 +158,7 @@ class TokenStream:
         self.seq_len, self.seed = seq_len, seed
         self.windows = (len(self.tokens) - 1) // seq_len
         if self.windows < 1:
-            raise ValueError(f"{path}: {len(self.tokens)} tokens cannot fill one window of {seq_len + 1}")
+            raise MoekitError(f"{path}: {len(self.tokens)} tokens cannot fill one window of {seq_len + 1}")
         self._epoch, self._order = -1, None
 
     def window(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -155,7 +179,7 @@ class Mixture:
         self.names, self.streams, self.seed = names, streams, seed
         total = sum(weights)
         if total <= 0 or any(w < 0 for w in weights):
-            raise ValueError(f"data mixture weights {weights} must be >= 0 with a positive sum")
+            raise MoekitError(f"data mixture weights {weights} must be >= 0 with a positive sum")
         self.weights = [w / total for w in weights]
         self.cursors = [0] * len(streams)
         self.step = 0

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.config import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -23,9 +25,12 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ValueError(f"optim.schedule={self.schedule!r} must be cosine, wsd or constant")
+            raise ConfigError(f"optim.schedule={self.schedule!r} must be cosine, wsd or constant")
         if not (0 < self.lr and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"optim.lr={self.lr} / min_lr={self.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+            raise ConfigError(f"optim.lr={self.lr} / min_lr={self.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+        if self.warmup < 0 or not 0 <= self.decay <= 1 or self.grad_clip < 0:
+            raise ConfigError(f"optim.warmup={self.warmup} must be >= 0, optim.decay={self.decay} in [0, 1] and "
+                              f"optim.grad_clip={self.grad_clip} >= 0")
         self.betas = tuple(self.betas)
 
 
@@ -57,7 +62,7 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
 
     sharded = any(isinstance(p, DTensor) for p in decay + no_decay)
     if c.fused and sharded:
-        raise ValueError("optim.fused=true cannot update sharded (FSDP2 / expert-parallel) parameters")
+        raise ConfigError("optim.fused=true cannot update sharded (FSDP2 / expert-parallel) parameters")
     fused = not sharded if c.fused is None else c.fused
     return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, fused=fused,
                              foreach=None if fused else False)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.config import ConfigError
 from moekit.kernels import reference
 from moekit.models.moe import MoE
 
@@ -53,10 +54,10 @@ def init_distributed(cfg: ParallelConfig) -> Dist | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if cfg.ep != 1 or cfg.fsdp:
-            raise ValueError("parallel.ep / parallel.fsdp need several processes: launch with torchrun")
+            raise ConfigError("parallel.ep / parallel.fsdp need several processes: launch with torchrun")
         return None
     if world % cfg.ep:
-        raise ValueError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
+        raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of processes ({world})")
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -156,7 +157,7 @@ def parallelize(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
         for m in moes:
             E = m.experts.w13.shape[0]
             if E % cfg.ep:
-                raise ValueError(f"parallel.ep={cfg.ep} must divide the number of experts ({E})")
+                raise ConfigError(f"parallel.ep={cfg.ep} must divide the number of experts ({E})")
             for name in ("w13", "w2"):
                 full = getattr(m.experts, name).data
                 setattr(m.experts, name, nn.Parameter(distribute_tensor(full, d.mesh, [Replicate(), Shard(0)])))

@@ -5,9 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moekit.errors import MoekitError
+
 
 def read_log(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a log.jsonl; a line that is not JSON is an error naming the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoekitError(f"{path}: cannot be read as a log.jsonl ({e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MoekitError(f"{path}:{n}: not a JSON log record ({e})") from None
+    return out
 
 
 def plot_log(logs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:
@@ -15,8 +29,11 @@ def plot_log(logs: dict[str, str | Path], out: str | Path, title: str = "") -> P
 
     ``logs`` maps a label to a log.jsonl, so runs (say, balance loss on vs off) can be compared.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise MoekitError("plotting needs matplotlib, which is not installed: pip install 'moekit[plot]' "
+                          "(or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

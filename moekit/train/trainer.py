@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import socket
 import time
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from moekit.config import ConfigError
+from moekit.errors import MoekitError
 from moekit.models.moe import MoE
 from moekit.train import checkpoint
 from moekit.train.build import build_model, build_streams
@@ -34,13 +39,17 @@ class Trainer:
         self.d = init_distributed(cfg.parallel)
         self.rank, self.world = (self.d.rank, self.d.world) if self.d else (0, 1)
         if cfg.batch_size % (self.world * cfg.grad_accum):
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
-                             f"({self.world} x {cfg.grad_accum})")
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
+                              f"({self.world} x {cfg.grad_accum})")
         self.show = (self.rank == 0) if progress is None else (progress and self.rank == 0)
         torch.manual_seed(cfg.seed + self.rank)
         self.device = _device(cfg.device, self.d)
         self.model = build_model(cfg.model, cfg.seed).to(self.device)
         self.moe = self.model.config.moe
+        ctx = self.model.config.max_position_embeddings
+        if cfg.data.seq_len > ctx and self.model.config.rope_scaling is None:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+                              f"(max_position_embeddings={ctx}); lower data.seq_len")
         if self.rank == 0:  # build shards once, then every process maps them
             self.mixture, self.heldout = build_streams(cfg.data, cfg.tokenizer, self.model, cfg.seed, self.show)
         self._barrier()
@@ -215,9 +224,7 @@ class Trainer:
                         {"mixture": self.mixture.state_dict()}, self.cfg.keep_checkpoints)
 
     def _resume(self) -> None:
-        last = checkpoint.latest(self.out / "checkpoints")
-        if last is None:
-            return
+        last = _resumable(self.out)
         state = checkpoint.load(last, self.model, self.opt)
         self.mixture.load_state_dict(state["mixture"])
         self.step = state["step"]
@@ -228,10 +235,31 @@ class Trainer:
             tmp.replace(self.log_path)
 
     def fit(self, resume: bool = False) -> dict:
-        """Train to ``cfg.steps``; returns the last log record (with the last evaluation)."""
+        """Train to ``cfg.steps``; returns the last log record (with the last evaluation).
+
+        The run holds ``out_dir/train.lock`` throughout: a second training on the same out_dir is
+        refused, naming the holder. ``resume`` with no checkpoint to resume from is an error.
+        """
+        if resume:
+            _resumable(self.out)
+        lock = refused = None
+        if self.rank == 0:  # rank 0 speaks for the whole torchrun job: its ranks share out_dir
+            try:
+                lock = _lock(self.out)
+            except MoekitError as e:
+                refused = e
+        if self._all_sum(float(refused is not None)):  # every rank stops, not only rank 0
+            raise refused or MoekitError(f"out_dir {self.out} is in use by another training (see rank 0)")
+        try:
+            return self._fit(resume)
+        finally:
+            if lock is not None:
+                lock.truncate(0)
+                lock.close()  # releases the flock
+
+    def _fit(self, resume: bool) -> dict:
         cfg = self.cfg
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             if not resume and self.log_path.exists():
                 self.log_path.unlink()
         self._barrier()
@@ -282,14 +310,48 @@ class Trainer:
         return export_model(self.model, self.d, self.cfg, self.out / "model")
 
 
+def _resumable(out: Path) -> Path:
+    """The checkpoint a resumed run starts from; none is an error (as transformers' Trainer does), not step 0."""
+    last = checkpoint.latest(out / "checkpoints")
+    if last is None:
+        raise MoekitError(f"--resume: no checkpoint under {out / 'checkpoints'} to resume from; "
+                          f"leave out --resume to start from step 0")
+    return last
+
+
+def _lock(out: Path):
+    """Hold ``out/train.lock`` (flock, released by the kernel however the process ends), or raise naming
+    the run that holds it. Only rank 0 takes it: every rank of one torchrun job shares out_dir."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / "train.lock", "a+")
+    except OSError as e:
+        raise MoekitError(f"out_dir {out}: cannot be written ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise MoekitError(f"out_dir {out} is in use by another training ({holder}; {out / 'train.lock'}); "
+                          f"wait for it to finish or choose another out_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+    f.flush()
+    return f
+
+
 def _device(name: str, d) -> torch.device:
     """The training device: the process's own GPU under torchrun, else cuda/cpu as asked."""
     if d is not None:
         if name == "cpu" and d.device.type != "cpu":
-            raise ValueError("device=cpu with a GPU process group: run torchrun on a machine without GPUs")
+            raise ConfigError("device=cpu with a GPU process group: run torchrun on a machine without GPUs")
         return d.device
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch sees no GPU")
+        raise ConfigError("device=cuda but torch sees no GPU")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -308,6 +370,8 @@ def train(cfg: TrainConfig | str | Path, resume: bool = False, overrides: dict |
 
     if not isinstance(cfg, TrainConfig):
         cfg = load_config(cfg, overrides)
+    if resume:
+        _resumable(Path(cfg.out_dir))  # before the model and data are built
     try:
         return Trainer(cfg).fit(resume=resume)
     finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.config import ConfigError, ModelConfig, MoEConfig
+from moekit.errors import MoekitError
 from moekit.families import get_family
 from moekit.models import MoEDecoder
 from moekit.upcycle.options import UpcycleOptions
@@ -42,7 +43,7 @@ def moe_config(dense: ModelConfig, o: UpcycleOptions, plans: list[LayerPlan]) ->
     try:
         hf = fam.to_hf(cfg)
     except ConfigError as e:
-        raise ValueError(f"layout={family!r}: {e}") from None
+        raise MoekitError(f"layout={family!r}: {e}") from None
     return fam.to_config(hf, frozenset())
 
 

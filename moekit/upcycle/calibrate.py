@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from moekit.errors import MoekitError
 from moekit.kernels.reference import silu_mul
 from moekit.models import MoEDecoder
 from moekit.models.layers import MLP
@@ -24,12 +25,12 @@ def calibration_windows(text_path: str | Path, tokenizer_dir: str | Path, seq_le
 
     path = Path(text_path)
     if not path.is_file():
-        raise ValueError(f"calibration={str(path)!r}: no such text file")
+        raise MoekitError(f"calibration={str(path)!r}: no such text file")
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     ids = tok.encode(path.read_text(encoding="utf-8", errors="replace"))
     n = min(max_windows, (len(ids) - 1) // seq_len)
     if n < 1:
-        raise ValueError(f"calibration={str(path)!r}: {len(ids)} tokens cannot fill one window of {seq_len + 1}")
+        raise MoekitError(f"calibration={str(path)!r}: {len(ids)} tokens cannot fill one window of {seq_len + 1}")
     return torch.tensor(ids[: n * seq_len + 1]).unfold(0, seq_len + 1, seq_len)[:n].clone()
 
 
@@ -74,7 +75,7 @@ def neuron_importance(dense: MoEDecoder, windows_WT: torch.Tensor, progress: boo
     probes = []
     for block in dense.layers:
         if not isinstance(block.ffn, MLP):
-            raise ValueError("importance needs a dense model (every layer a plain FFN)")
+            raise MoekitError("importance needs a dense model (every layer a plain FFN)")
         probes.append(_Probe(block.ffn))
         block.ffn = probes[-1]
     was = dense.training

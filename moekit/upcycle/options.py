@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from moekit.errors import MoekitError
+
 METHODS = ("random", "cluster", "importance", "copy")
 GATES = ("mlp", "linear")
 GATE_INITS = ("zero", "random", "centroids")
@@ -33,7 +35,7 @@ class UpcycleOptions:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ValueError(f"{where}: unknown option(s) {bad}; known: {sorted(known)}")
+            raise MoekitError(f"{where}: unknown option(s) {bad}; known: {sorted(known)}")
         return cls(**d)
 
     @property
@@ -57,41 +59,41 @@ class UpcycleOptions:
         return "deepseek" if self.shared else "llama_moe"
 
     def validate(self, ffn_width: int) -> None:
-        """Raise ValueError naming the first option that cannot work for a dense FFN of ``ffn_width``."""
+        """Raise MoekitError naming the first option that cannot work for a dense FFN of ``ffn_width``."""
         for name, allowed in (("method", METHODS), ("gate", GATES), ("gate_init", GATE_INITS),
                               ("layout", LAYOUTS), ("feature", FEATURES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+                raise MoekitError(f"{name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
         E, K, N = self.experts, self.top_k, self.shared
         if not isinstance(E, int) or E < 1:
-            raise ValueError(f"experts={E!r} must be a positive integer")
+            raise MoekitError(f"experts={E!r} must be a positive integer")
         if not isinstance(K, int) or not 1 <= K <= E:
-            raise ValueError(f"top_k={K!r} must be in 1..experts={E}")
+            raise MoekitError(f"top_k={K!r} must be in 1..experts={E}")
         if not isinstance(N, int) or N < 0:
-            raise ValueError(f"shared={N!r} must be a non-negative integer")
+            raise MoekitError(f"shared={N!r} must be a non-negative integer")
         if self.scale is not None and not self.scale > 0:
-            raise ValueError(f"scale={self.scale!r} must be positive")
+            raise MoekitError(f"scale={self.scale!r} must be positive")
         if self.noise < 0 or (self.noise and self.partition):
-            raise ValueError(f"noise={self.noise!r}: only copy-upcycling takes noise, and it must be >= 0")
+            raise MoekitError(f"noise={self.noise!r}: only copy-upcycling takes noise, and it must be >= 0")
         if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters={self.kmeans_iters!r} must be >= 1")
+            raise MoekitError(f"kmeans_iters={self.kmeans_iters!r} must be >= 1")
         if not self.partition and N:
-            raise ValueError(f"shared={N}: copy-upcycling has no shared experts (a shared full copy would "
-                             "double the FFN output); use a partition method")
+            raise MoekitError(f"shared={N}: copy-upcycling has no shared experts (a shared full copy would "
+                              "double the FFN output); use a partition method")
         if not self.partition and self.gate_init == "centroids":
-            raise ValueError("gate_init='centroids' needs a partition method (copies have no cluster centres)")
+            raise MoekitError("gate_init='centroids' needs a partition method (copies have no cluster centres)")
         family = self.family()
         if N and family in ("llama_moe", "mixtral"):
-            raise ValueError(f"shared={N}: the {family} layout has no shared experts; use layout deepseek or xverse")
+            raise MoekitError(f"shared={N}: the {family} layout has no shared experts; use layout deepseek or xverse")
         if family != "llama_moe" and self.gate != "linear":
-            raise ValueError(f"gate={self.gate!r}: only the llama_moe layout has an MLP gate; use gate linear "
-                             f"for the {family} layout")
+            raise MoekitError(f"gate={self.gate!r}: only the llama_moe layout has an MLP gate; use gate linear "
+                              f"for the {family} layout")
         if not self.partition:
             return
         if E + N > ffn_width:
-            raise ValueError(f"experts={E} + shared={N} is more than the FFN width {ffn_width}: "
-                             "an expert would have no neurons")
+            raise MoekitError(f"experts={E} + shared={N} is more than the FFN width {ffn_width}: "
+                              "an expert would have no neurons")
         if (N or family != "llama_moe") and ffn_width % (E + N):
-            raise ValueError(f"experts={E} + shared={N} must divide the FFN width {ffn_width} for the {family} "
-                             "layout (equal expert widths); only llama_moe without shared experts takes "
-                             "uneven widths (size_experts)")
+            raise MoekitError(f"experts={E} + shared={N} must divide the FFN width {ffn_width} for the {family} "
+                              "layout (equal expert widths); only llama_moe without shared experts takes "
+                              "uneven widths (size_experts)")

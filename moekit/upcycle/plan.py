@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moekit.errors import MoekitError
 from moekit.models import MoEDecoder
 from moekit.upcycle.assemble import LayerPlan
 from moekit.upcycle.options import UpcycleOptions
@@ -23,8 +24,8 @@ def text_groups(feats_WD: torch.Tensor, groups: int, gen: torch.Generator) -> li
     standing in for LLaMA-MoE's clustering of the pretraining text before scoring neurons per group."""
     W = feats_WD.shape[0]
     if W < groups:
-        raise ValueError(f"calibration: {W} windows cannot form {groups} text groups (one per expert); "
-                         "give a longer calibration text or more windows")
+        raise MoekitError(f"calibration: {W} windows cannot form {groups} text groups (one per expert); "
+                          "give a longer calibration text or more windows")
     labels, _, _ = balanced_kmeans(F.normalize(feats_WD.double(), dim=1), expert_sizes(W, groups), gen)
     return members(labels, groups)
 
@@ -44,7 +45,7 @@ def plan_layers(dense: MoEDecoder, o: UpcycleOptions, importance: Importance | N
     if not o.partition:
         return [LayerPlan([torch.arange(Fw)] * E, torch.zeros(0, dtype=torch.long)) for _ in dense.layers]
     if o.needs_calibration and importance is None:
-        raise ValueError(missing_calibration(o))
+        raise MoekitError(missing_calibration(o))
     gen = torch.Generator().manual_seed(o.seed)
     groups = text_groups(importance[1], E, gen) if importance is not None else None
     width = Fw // (E + N)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.errors import MoekitError
+
 
 def expert_sizes(neurons: int, experts: int) -> list[int]:
     """Widths as even as possible (they differ by at most one; the wider experts come first)."""
@@ -25,7 +27,7 @@ def capacity_assign(cost_NE: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """
     N, E = cost_NE.shape
     if sum(sizes) != N or len(sizes) != E:
-        raise ValueError(f"expert sizes {sizes} do not split {N} neurons into {E} experts")
+        raise MoekitError(f"expert sizes {sizes} do not split {N} neurons into {E} experts")
     cost = cost_NE.double().clone()
     room = torch.tensor(sizes, dtype=torch.long)
     labels = torch.full((N,), -1, dtype=torch.long)

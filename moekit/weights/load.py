@@ -1,12 +1,15 @@
 """Load any family's Hugging Face checkpoint folder into a :class:`MoEDecoder`.
 
-The model is built on the meta device, materialised once in the target dtype,
-and filled shard by shard: peak memory is the model plus one tensor
-(safetensors) or one memory-mapped shard (.bin).
+The model is built on the meta device and checked against the checkpoint before anything is
+allocated: its parameter count against the weight files' size, and for safetensors every tensor's
+shape and dtype against the file headers. It is then materialised once in the target dtype and
+filled shard by shard: peak memory is the model plus one tensor (safetensors) or one
+memory-mapped shard (.bin). Every tensor is checked for NaN / infinity as it is copied.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -15,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moekit.config import ConfigError, ModelConfig
+from moekit.config import ConfigError, ModelConfig, count_params
+from moekit.errors import MoekitError
 from moekit.families import Family, NameMap, detect_family
 from moekit.models import MoEDecoder
 from moekit.weights.io import CheckpointError, iter_shard, read_json, shard_names, weight_files
@@ -31,7 +35,7 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise MoekitError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[key]
 
 
@@ -40,8 +44,15 @@ def read_config(folder: str | Path) -> tuple[ModelConfig, Family, list[Path], di
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder (no such directory)")
-    hf = read_json(folder / "config.json")
-    files, wmap = weight_files(folder)
+    try:
+        hf = read_json(folder / "config.json")
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{folder / 'config.json'}: holds a {type(hf).__name__}, not a JSON object")
+        files, wmap = weight_files(folder)
+        for f in files:  # an unreadable shard is named as such, not as a missing or broken one
+            open(f, "rb").close()
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or folder}: cannot be read ({e.strerror or e})") from None
     try:
         family = detect_family(hf)
         names = frozenset(wmap) if wmap is not None else frozenset(n for f in files for n in shard_names(f))
@@ -51,11 +62,12 @@ def read_config(folder: str | Path) -> tuple[ModelConfig, Family, list[Path], di
     return cfg, family, files, wmap
 
 
-def materialize(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-                kernels: str = "auto") -> MoEDecoder:
-    """An uninitialised model allocated once in ``dtype`` on ``device`` (expert padding zeroed)."""
+def _on_meta(cfg: ModelConfig, dtype: torch.dtype, device, kernels: str) -> MoEDecoder:
     with torch.device("meta"):
-        model = MoEDecoder(cfg, kernels=kernels, device=device, dtype=dtype)
+        return MoEDecoder(cfg, kernels=kernels, device=device, dtype=dtype)
+
+
+def _allocate(model: MoEDecoder, dtype: torch.dtype, device) -> MoEDecoder:
     model = model.to(dtype=dtype).to_empty(device=device)
     model.kernels.advise_weights(model.parameters())  # before the first write touches the pages
     model.reset_buffers()
@@ -65,10 +77,67 @@ def materialize(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     return model
 
 
+def materialize(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+                kernels: str = "auto") -> MoEDecoder:
+    """An uninitialised model allocated once in ``dtype`` on ``device`` (expert padding zeroed)."""
+    return _allocate(_on_meta(cfg, dtype, device, kernels), dtype, device)
+
+
 def _raise(problems: list[str], what: str) -> None:
     if problems:
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise CheckpointError(f"{what}:\n  " + "\n  ".join(problems[:5]) + more)
+
+
+def _check_size(cfg: ModelConfig, folder: Path, files: list[Path]) -> None:
+    """Refuse a config.json whose sizes need more parameters than the weight files have bytes."""
+    params, size = count_params(cfg)[0], sum(f.stat().st_size for f in files)
+    if params > size:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: its sizes (vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, "
+            f"{cfg.num_layers} layers) make {params:,} parameters, but the weight files hold only {size:,} bytes")
+
+
+def _header(path: Path) -> dict | None:
+    """A safetensors file's header ({name: {dtype, shape, ...}}), or None if it cannot be parsed
+    (reading the tensors then reports the damage)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(n)) if 0 < n < 1 << 28 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _check_headers(folder: Path, files: list[Path], shapes: dict[str, tuple]) -> None:
+    """Shapes and dtypes of the safetensors tensors against the model's, before any memory is allocated."""
+    misshaped, wrong_type = [], []
+    for file in files:
+        header = _header(file) if file.suffix == ".safetensors" else None
+        for name, info in (header or {}).items():
+            if name not in shapes or not isinstance(info, dict):
+                continue
+            if tuple(info.get("shape", ())) != shapes[name]:
+                misshaped.append(f"{file.name}: tensor {name!r} has shape {list(info.get('shape', ()))}, "
+                                 f"config.json implies {list(shapes[name])}")
+            elif not str(info.get("dtype", "F")).startswith(("F", "BF")):
+                wrong_type.append(f"{file.name}: tensor {name!r} holds {info.get('dtype')} integers; "
+                                  f"a floating-point weight belongs there")
+    _raise(misshaped, f"{folder}: tensors with the wrong shape")
+    _raise(wrong_type, f"{folder}: tensors of the wrong type")
+
+
+def _non_finite(file: Path, sums: list, expected: dict) -> list[str]:
+    """Which tensors of ``file`` hold NaN or infinity (an overflow counts when the dtype changed)."""
+    out = []
+    for name, src, s in sums:
+        view = expected[name]
+        if bool(torch.isfinite(s)) or bool(torch.isfinite(view).all()):
+            continue
+        bad, to = int((~torch.isfinite(view)).sum()), str(view.dtype).removeprefix("torch.")
+        how = f" after conversion from {str(src).removeprefix('torch.')} to {to}" if src != view.dtype else ""
+        out.append(f"{file.name}: tensor {name!r} has {bad} NaN or infinite value(s) of {view.numel()}{how}")
+    return out
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
@@ -76,28 +145,33 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     """Load a checkpoint folder in any supported family's native layout.
 
     dtype: None keeps the config's ``torch_dtype`` (float32 if it has none).
-    Raises :class:`CheckpointError` naming the file and tensor for missing,
-    unexpected or mis-shaped tensors, bad config fields and unsafe pickles.
+    Raises :class:`CheckpointError` naming the file and tensor for missing, unexpected,
+    mis-shaped, integer or non-finite tensors, bad config fields and unsafe pickles.
     """
     folder = Path(path)
     cfg, family, files, wmap = read_config(folder)
     hf = cfg.extra
     dtype = as_dtype(dtype) or as_dtype(hf.get("torch_dtype") or hf.get("dtype")) or torch.float32
-    model = materialize(cfg, dtype, device, kernels)
+    _check_size(cfg, folder, files)
+    meta = _on_meta(cfg, dtype, device, kernels)
     table = NameMap(family.names(cfg))
-    expected = {}
-    for name, view in model.named_views().items():
+    shapes = {}
+    for name, view in meta.named_views().items():
         hf_name = table.to_hf(name)
         if hf_name is None:
             raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
-        expected[hf_name] = view
+        shapes[hf_name] = tuple(view.shape)
+    _check_headers(folder, files, shapes)
+    model = _allocate(meta, dtype, device)
+    expected = {table.to_hf(name): view for name, view in model.named_views().items()}
     skip = [re.compile(p) for p in family.ignore]
     if cfg.tie_word_embeddings:
         skip.append(re.compile(r"lm_head\.weight"))
     seen: set[str] = set()
-    unexpected, misshaped = [], []
+    unexpected, misshaped, wrong_type, not_finite = [], [], [], []
     show = sys.stderr.isatty() if progress is None else progress
     for file in tqdm(files, desc=f"loading {folder.name}", unit="shard", disable=not show):
+        sums = []  # (name, source dtype, sum): NaN or inf anywhere makes a sum non-finite (overflow is re-checked)
         for name, tensor in iter_shard(file):
             view = expected.get(name)
             if view is None:
@@ -108,10 +182,19 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                 misshaped.append(f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
                                  f"config.json implies {list(view.shape)}")
                 continue
+            if not tensor.is_floating_point():
+                wrong_type.append(f"{file.name}: tensor {name!r} holds {tensor.dtype} integers; "
+                                  f"a floating-point weight belongs there")
+                continue
             with torch.no_grad():
                 view.copy_(tensor)
+                sums.append((name, tensor.dtype, view.sum()))  # native dtype: as cheap as the copy
             seen.add(name)
+        if sums and not bool(torch.isfinite(torch.stack([s.float() for _, _, s in sums])).all()):  # once a shard
+            not_finite += _non_finite(file, sums, expected)
     _raise(misshaped, f"{folder}: tensors with the wrong shape")
+    _raise(wrong_type, f"{folder}: tensors of the wrong type")
+    _raise(not_finite, f"{folder}: tensors with values that are not finite numbers")
     _raise(unexpected, f"{folder}: tensors that a {family.name} model with this config.json does not have")
     missing = [f"missing tensor {n!r}" + (f" (index lists it in {wmap[n]})" if wmap and n in wmap else "")
                for n in expected if n not in seen]
