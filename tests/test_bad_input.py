@@ -90,6 +90,7 @@ def test_int_tensor_in_a_bin_shard(checkpoints, tmp_path):
     ({"vocab_size": 10**12}, r"config\.json: its sizes \(vocab_size=1000000000000, hidden_size=64, 2 layers\) make "
                              r"128,000,[\d,]+ parameters, but the weight files hold only [\d,]+ bytes"),
     ({"vocab_size": 1e12}, r"vocab_size=1000000000000\.0 is out of range: must be a positive integer"),
+    ({"rope_theta": "fast"}, r"config\.json: a field has the wrong type \(could not convert string to float: 'fast'\)"),
 ])
 def test_absurd_or_zero_sizes_are_refused_before_allocating(xverse, change, message):
     cfg = json.loads((xverse / "config.json").read_text())
@@ -112,6 +113,16 @@ def test_unreadable_config_json_is_named(xverse, capsys):
     os.symlink("config.json", xverse / "config.json")  # a symlink loop
     rc, err = cli(capsys, "generate", "--model", str(xverse), "--prompt", "x")
     one_line(rc, err, f"{xverse / 'config.json'}: cannot be read (Too many levels of symbolic links)")
+
+
+def test_broken_generation_config_is_named(text_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(text_checkpoint("xverse"), folder)
+    (folder / "generation_config.json").write_text('{"temperature": 0.7,')
+    rc, err = cli(capsys, "generate", "--model", str(folder), "--prompt", "x")
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"moekit generate: error: {folder / 'generation_config.json'}: "
+                                                   f"not a readable JSON file"), err
 
 
 def test_flags_are_checked_and_named(text_checkpoint, capsys):

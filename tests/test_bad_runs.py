@@ -1,6 +1,7 @@
 """Bad training runs: run files, --set values, data files, a busy out_dir, --resume with nothing to resume.
 Each is one line naming the file, field or flag (exit 2), or a warning naming the file; never a traceback."""
 
+import json
 import logging
 import os
 import subprocess
@@ -128,7 +129,7 @@ def test_missing_binary_and_invalid_utf8_data(root, capsys, caplog):
     assert f"{root / 'latin1.txt'}: 9 byte(s) are not valid UTF-8 (the first at byte 3)" in caplog.text
 
 
-def test_a_busy_out_dir_is_refused_naming_the_holder(root):
+def test_a_busy_out_dir_is_refused_naming_the_holder_and_resume_skips_a_cut_line(root):
     path = run_file(root, "busy")
     lock = _lock(root / "out-busy")  # this process plays the running training
     try:
@@ -143,6 +144,12 @@ def test_a_busy_out_dir_is_refused_naming_the_holder(root):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert (root / "out-busy" / "train.lock").read_text() == ""  # released
+    log = root / "out-busy" / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "lo')  # a line a kill cut short
+    r = subprocess.run([sys.executable, "-m", "moekit.cli", "train", str(path), "--resume", "--set", "steps=3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_resume_without_a_checkpoint_is_refused(root, capsys):

@@ -21,6 +21,7 @@ from moekit.chat import ChatFormat
 from moekit.engine.engine import Engine
 from moekit.engine.sampling import SamplingParams
 from moekit.engine.text import TextGenerator
+from moekit.errors import MoekitError
 from moekit.models import MoEDecoder
 from moekit.tokenizer import Tokenizer
 
@@ -53,7 +54,12 @@ class CausalLM:
         path = Path(path)
         model = load(path, dtype=dtype, device=device, kernels=kernels, progress=progress)
         gen_file = path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+        try:
+            gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.exists() else {}
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise MoekitError(f"{gen_file}: not a readable JSON file ({e})") from None
+        if not isinstance(gen, dict):
+            raise MoekitError(f"{gen_file}: holds a {type(gen).__name__}, not a JSON object")
         return cls(model, Tokenizer.from_pretrained(path), chat_format, gen)
 
     @property

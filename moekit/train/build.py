@@ -74,7 +74,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> MoEDecoder:
     hf = PRESETS[spec.preset] if spec.preset else spec.config
     try:
         base = detect_family(hf).to_config(dict(hf), frozenset())
-    except ConfigError as e:
+    except (ConfigError, TypeError, ValueError) as e:  # TypeError / ValueError: a field of the wrong type
         raise ConfigError(f"model.{'preset' if spec.preset else 'config'}: {e}") from None
     cfg = apply_overrides(base, spec.overrides)
     _check_memory(cfg, "model.preset" if spec.preset else "model.config")

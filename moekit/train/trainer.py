@@ -229,7 +229,8 @@ class Trainer:
         self.mixture.load_state_dict(state["mixture"])
         self.step = state["step"]
         if self.rank == 0 and self.log_path.exists():  # drop log lines of steps done after that checkpoint
-            kept = [ln for ln in self.log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+            kept = [ln for ln in self.log_path.read_text(errors="replace").splitlines()
+                    if _step(ln) is not None and _step(ln) <= self.step]  # and a line a kill cut short
             tmp = self.log_path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             tmp.replace(self.log_path)
@@ -308,6 +309,15 @@ class Trainer:
         from moekit.train.export import export_model
 
         return export_model(self.model, self.d, self.cfg, self.out / "model")
+
+
+def _step(line: str) -> int | None:
+    """The step of a log.jsonl line; None for a line that is not a JSON record."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec.get("step", 0) if isinstance(rec, dict) else None
 
 
 def _resumable(out: Path) -> Path:

@@ -59,6 +59,10 @@ def read_config(folder: str | Path) -> tuple[ModelConfig, Family, list[Path], di
         cfg = family.to_config(hf, names)
     except ConfigError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type (a string where a number belongs, ...)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder / 'config.json'}: a field has the wrong type ({e})") from None
     return cfg, family, files, wmap
 
 
