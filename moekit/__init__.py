@@ -1,6 +1,7 @@
 """moekit: Mixture-of-Experts language models, one decoder for every family."""
 
 from moekit.config import ConfigError, ModelConfig, MoEConfig, RopeScaling, count_params
+from moekit.errors import MoekitError
 from moekit.models import MoEDecoder
 from moekit.presets import PRESETS, preset
 from moekit.weights import CheckpointError, load, save
@@ -10,4 +11,5 @@ from moekit.assets import default_model_path
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "CausalLM", "CheckpointError", "ConfigError", "Engine", "ModelConfig", "MoEConfig", "MoEDecoder",
-           "RopeScaling", "SamplingParams", "Tokenizer", "count_params", "default_model_path", "load", "preset", "save"]
+           "MoekitError", "RopeScaling", "SamplingParams", "Tokenizer", "count_params", "default_model_path", "load",
+           "preset", "save"]

@@ -199,3 +199,10 @@ def test_codec_errors_name_the_file(tmp_path):
     (tmp_path / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xff"}')
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: not valid JSON \('utf-8' codec"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_upcycle_errors_still_one_line(checkpoints, tmp_path, capsys):
+    """moekit.upcycle still raises plain ValueError for bad input; the CLI names it until it raises MoekitError."""
+    rc, err = cli(capsys, "upcycle", "--model", str(checkpoints("xverse")[0]), "--out", str(tmp_path / "o"),
+                  "--method", "random", "--experts", "2", "--top-k", "1")
+    one_line(rc, err, "already has experts")
