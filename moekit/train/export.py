@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from moekit.models import MoEDecoder
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+from moekit.weights.io import TOKENIZER_FILES
 
 
 def export_model(model: MoEDecoder, d, cfg, target: Path) -> Path | None:
-    """Gather the full weights (collective) and write them from rank 0; returns the folder on rank 0."""
+    """Gather the full weights (collective) and write them from rank 0; returns the folder on rank 0.
+
+    The weights and the tokenizer files go in with one commit (:func:`moekit.save`): other
+    files in ``target`` are left alone, and a kill leaves the previous export or this one.
+    """
     from moekit.weights import save
 
     if d is not None:
@@ -30,11 +31,8 @@ def export_model(model: MoEDecoder, d, cfg, target: Path) -> Path | None:
     else:
         plain = model
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    out = save(plain, target, dtype=dtype)
-    for name in TOKENIZER_FILES:
-        src = Path(cfg.tokenizer) / name
-        if src.exists():
-            shutil.copy2(src, out / name)
+    tok = Path(cfg.tokenizer)
+    out = save(plain, target, dtype=dtype, files={n: tok / n for n in TOKENIZER_FILES if (tok / n).is_file()})
     if d is not None:
         dist.barrier()
     return out

@@ -12,7 +12,6 @@ See docs/upcycling.md for the methods, the exact set-up and the layouts written.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,9 +23,7 @@ from moekit.upcycle.calibrate import calibration_windows, lm_loss, neuron_import
 from moekit.upcycle.options import UpcycleOptions
 from moekit.upcycle.plan import missing_calibration, plan_layers
 from moekit.upcycle.report import build_report, to_markdown, write_report
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+from moekit.weights.io import TOKENIZER_FILES
 
 
 def _options(options: UpcycleOptions | None, kw: dict) -> UpcycleOptions:
@@ -65,10 +62,20 @@ def upcycle_checkpoint(model: str | Path, out: str | Path, options: UpcycleOptio
                        calibration: str | Path | None = None, tokenizer: str | Path | None = None,
                        seq_len: int = 256, max_windows: int = 64, progress: bool = True, **kw) -> dict:
     """Upcycle a dense checkpoint folder into ``out`` (the family's HF layout, the dense model's dtype,
-    its tokenizer files, and ``upcycle_report.{json,md}``); returns the report."""
-    from moekit.weights import load, read_config, save
+    its tokenizer files, and ``upcycle_report.{json,md}``); returns the report.
+
+    ``out`` is checked before the (slow) load: it may not be ``model`` itself nor a file; in an
+    existing folder only the checkpoint's files are written (see :func:`moekit.save`).
+    """
+    from moekit.weights import CheckpointError, load, read_config, save
+    from moekit.weights.save import check_target
 
     o = _options(options, kw)
+    if Path(out).resolve() == Path(model).resolve():
+        raise CheckpointError(f"{out}: is the dense checkpoint being upcycled; write the experts to another folder")
+    tok = Path(tokenizer or model)
+    files = {name: tok / name for name in TOKENIZER_FILES if (tok / name).is_file()}
+    check_target(out, ["config.json", *files])
     src_cfg = read_config(model)[0]
     if src_cfg.moe is not None:
         raise ValueError(f"{model}: already has experts; give a dense (LlamaForCausalLM-style) checkpoint")
@@ -82,11 +89,7 @@ def upcycle_checkpoint(model: str | Path, out: str | Path, options: UpcycleOptio
         windows = calibration_windows(calibration, tokenizer or model, seq, max_windows)
     moe, rep = upcycle(dense, o, windows, progress, text=str(calibration))
     dtype = src_cfg.extra.get("torch_dtype") or src_cfg.extra.get("dtype") or "float32"
-    out = save(moe, out, dtype=dtype)
-    for name in TOKENIZER_FILES:
-        src = Path(tokenizer or model) / name
-        if src.is_file():
-            shutil.copy2(src, out / name)
+    out = save(moe, out, dtype=dtype, files=files)
     rep["source"], rep["output"] = str(model), str(out)
     write_report(rep, out)
     return rep

@@ -1,16 +1,17 @@
 """Write a model in its family's own Hugging Face layout: config.json, safetensors shards, index.
 
-The checkpoint is assembled in a temporary sibling folder and swapped in with
-renames, so the target is never half-written. Files already in the target that
-are not weights (tokenizer, chat template, README) are carried over.
+Saving into a folder writes only the checkpoint's own files and leaves everything else
+there as it was (sub-folders, other files, symlinks, the folder's permissions). A previous
+checkpoint's shards that the new one no longer has are removed. A save killed at any point
+leaves the complete old checkpoint or the complete new one (see :class:`FolderCommit`);
+the next save there cleans up after it. docs/guarantees.md lists the tests behind this.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from safetensors.torch import save_file
 
 from moekit.families import NameMap, get_family
 from moekit.models import MoEDecoder
-from moekit.weights.io import SAFE_INDEX, WEIGHT_SUFFIXES
+from moekit.weights.io import (SAFE_INDEX, CheckpointError, FolderCommit, finish_interrupted, is_checkpoint,
+                               stale_files)
 from moekit.weights.load import as_dtype
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -48,9 +50,41 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
     return shards
 
 
+def check_target(path: str | Path, names=("config.json",)) -> Path:
+    """Refuse a target that is a file, or a folder holding no checkpoint whose files ``names`` a
+    save would overwrite (someone else's config.json); nothing is written."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a folder; give a folder to write the checkpoint into")
+    if target.is_dir() and not is_checkpoint(target):
+        for name in names:
+            if (target / name).exists() or (target / name).is_symlink():
+                raise CheckpointError(f"{target / name}: exists in a folder that holds no checkpoint; moekit does "
+                                      "not overwrite it (choose another folder, or move the file away)")
+    return target
+
+
+def _remove_legacy_temporaries(target: Path) -> None:
+    """Folders ``.<name>.tmp-XXXXXXXX`` that saves of moekit <= 0.1.0 left beside ``target`` when killed."""
+    parent, name = target.resolve().parent, target.resolve().name
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-[A-Za-z0-9_]{{8}}")
+    try:
+        stale = [p for p in parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    except OSError:  # an unreadable parent folder: nothing we may clean
+        return
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save(model: MoEDecoder, path: str | Path, format: str = "hf", family: str | None = None,
-         dtype: torch.dtype | str | None = None, max_shard_bytes: int = 4 << 30) -> Path:
-    """Save ``model`` as a Hugging Face checkpoint folder in ``family``'s layout (default: its own)."""
+         dtype: torch.dtype | str | None = None, max_shard_bytes: int = 4 << 30,
+         files: dict[str, str | Path] | None = None) -> Path:
+    """Save ``model`` as a Hugging Face checkpoint folder in ``family``'s layout (default: its own).
+
+    files: extra files put in the folder with the same commit, ``{name: source path}``
+    (tokenizer files). Raises :class:`CheckpointError` for a target that is a file, or a
+    folder without a checkpoint where one of the files written already exists.
+    """
     if format != "hf":
         raise ValueError(f"format {format!r} is not supported; use 'hf'")
     cfg = model.config
@@ -67,38 +101,31 @@ def save(model: MoEDecoder, path: str | Path, format: str = "hf", family: str | 
     dtype = as_dtype(dtype) or model.embed.weight.dtype
     hf_cfg["torch_dtype"] = DTYPE_NAMES[dtype]
     tensors = hf_tensors(model, family)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    files = {name: Path(src) for name, src in (files or {}).items()}
+    target = check_target(path, ["config.json", SAFE_INDEX, *files])
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{target}: cannot create the folder ({e.strerror})") from None
+    finish_interrupted(target)
+    _remove_legacy_temporaries(target)
+    commit = FolderCommit(target)
     try:
         shards = _shards(tensors, max_shard_bytes)
         wmap, total = {}, 0
         for k, names in enumerate(shards, 1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
             part = {n: tensors[n].detach().to("cpu", dtype).clone() for n in names}
-            save_file(part, tmp / fname, metadata={"format": "pt"})
+            save_file(part, commit.temp(fname), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in part.values())
             wmap.update(dict.fromkeys(names, fname))
-        (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wmap},
-                                                 indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        if target.exists():
-            for f in target.iterdir():
-                if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
-                    shutil.copy2(f, tmp / f.name)
-        _swap(tmp, target)
+        index = {"metadata": {"total_size": total}, "weight_map": wmap}
+        commit.temp(SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        commit.temp("config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        for name, src in files.items():
+            shutil.copyfile(src, commit.temp(name))
+        commit.commit(remove=stale_files(target, keep=commit.new))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit.abort()
         raise
     return target
-
-
-def _swap(new: Path, target: Path) -> None:
-    """Replace ``target`` by ``new`` with renames only."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, old / "x")
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
