@@ -158,3 +158,13 @@ def test_resume_without_a_checkpoint_is_refused(root, capsys):
              "leave out --resume to start from step 0")
     with pytest.raises(ConfigError, match="data.seq_len=0"):
         load_config(run_file(root, "zero", seq_len=0))
+
+
+def test_upcycle_options_are_read_by_type(root):
+    path = root / "up.yaml"
+    path.write_text("tokenizer: tok\nmodel: {upcycle: {path: dense, method: copy, experts: 4, top_k: 1, noise: 1e-3, "
+                    "seq_len: '64'}}\ndata: {sources: [{name: t, paths: [text.txt]}]}\n")
+    up = load_config(path).model.upcycle
+    assert up["noise"] == 1e-3 and up["seq_len"] == 64 and up["path"] == str(root / "dense")
+    with pytest.raises(ConfigError, match=r"^--set model\.upcycle\.experts='many': must be an integer$"):
+        load_config(path, {"model": {"upcycle": {"experts": "many"}}})

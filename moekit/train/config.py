@@ -156,6 +156,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
             if "moe" in over:
                 rest["moe"] = coerce(MoEConfig, over["moe"], "model.overrides.moe", partial=True)
             model["overrides"] = rest
+        up = model.get("upcycle")
+        if isinstance(up, dict):  # UpcycleOptions fields (moekit.upcycle reports unknown ones)
+            from moekit.upcycle.options import UpcycleOptions
+
+            known = {f.name for f in dataclasses.fields(UpcycleOptions)}
+            model["upcycle"] = {**up, **coerce(UpcycleOptions, {k: v for k, v in up.items() if k in known},
+                                               "model.upcycle", partial=True),
+                                **{k: _as(int, up[k], f"model.upcycle.{k}") for k in ("seq_len", "max_windows")
+                                   if k in up}}
     except ConfigError as e:
         raise named(e) from None
     root = path.parent
