@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from moekit import CheckpointError
-from moekit.train import checkpoint, load_config, train
+from moekit.train import checkpoint, load_config, safe_dcp, train
 from tests.save_worker import TINY_MODEL, train_model, train_state
 from tests.test_train_loop import run_file
 from tests.tokfixtures import TEXT, write_hf_bpe
@@ -71,7 +71,7 @@ def test_metadata_needs_only_the_allowed_globals(saved):
     with open(saved / ".metadata", "rb") as f:
         Recorder(f).load()  # our own freshly written file
     torch_values = {n for m, n in seen if m == "torch" and n != "Size"}
-    assert seen - {("torch", n) for n in torch_values} <= checkpoint.METADATA_CLASSES, seen
+    assert seen - {("torch", n) for n in torch_values} <= safe_dcp.METADATA_CLASSES, seen
     assert all(isinstance(getattr(torch, n), (torch.dtype, torch.layout, torch.memory_format)) for n in torch_values)
 
 
@@ -81,7 +81,7 @@ def test_planted_metadata_is_refused(saved):
 
 
 def test_metadata_hiding_code_in_a_field_is_refused(saved):
-    md = checkpoint.read_metadata(saved / ".metadata")
+    md = safe_dcp.read_metadata(saved / ".metadata")
     md.version = Evil()
     (saved / ".metadata").write_bytes(pickle.dumps(md))
     refused(saved, r"\.metadata: refused to unpickle")
@@ -89,7 +89,7 @@ def test_metadata_hiding_code_in_a_field_is_refused(saved):
 
 def plant(folder: Path, kind) -> str:
     """Point one stored value of type ``kind`` at a pickled Evil appended to its shard file."""
-    md = checkpoint.read_metadata(folder / ".metadata")
+    md = safe_dcp.read_metadata(folder / ".metadata")
     fqn = next(k for k, v in md.state_dict_metadata.items() if isinstance(v, kind))
     index = next(i for i in md.storage_data if i.fqn == fqn)
     info = md.storage_data[index]
@@ -122,7 +122,7 @@ def test_trainer_state_must_be_json(saved):
 
 
 def test_shard_outside_the_folder_is_refused(saved):
-    md = checkpoint.read_metadata(saved / ".metadata")
+    md = safe_dcp.read_metadata(saved / ".metadata")
     index = next(iter(md.storage_data))
     md.storage_data[index] = dataclasses.replace(md.storage_data[index], relative_path="../../etc/passwd")
     (saved / ".metadata").write_bytes(pickle.dumps(md))

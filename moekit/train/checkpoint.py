@@ -6,16 +6,12 @@ state (resharded on load, so a run saved by 4 processes resumes on 1 or 2), ``tr
 as ``.moekit-tmp-step-*`` and renamed when complete: a killed save leaves the previous
 checkpoints as they were, and the next save deletes its remains.
 
-Nothing in a checkpoint can run code on resume. DCP reads its ``.metadata`` file with plain
-``pickle`` and the non-tensor values in its shards with ``torch.load(weights_only=False)``;
-here the metadata goes through an unpickler that knows only DCP's metadata classes, and those
-values, the tensors and the RNG files through ``torch.load(weights_only=True)``.
+Nothing in a checkpoint can run code on resume: DCP's files are read through
+:mod:`moekit.train.safe_dcp`, the RNG files with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import os
 import pickle
@@ -26,24 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.futures import Future
 
 from moekit.weights.io import CheckpointError, atomic_write_text, fsync, read_json, unpickling_reason
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
 TMP = ".moekit-tmp-"
 ASIDE = re.compile(re.escape(TMP) + r"old-step-(\d{8})$")  # a checkpoint being replaced by one of the same step
-METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"),  # a lookup of torch.strided & co by name
-     ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}  # the checkpoint_id (pathlib._local: Python 3.13+)
+
 
 
 def _rank_world() -> tuple[int, int]:
@@ -116,78 +101,6 @@ def save(root: str | Path, step: int, model, optimizer, trainer_state: dict, kee
     return final
 
 
-# ----------------------------------------------------------------------------- safe reading
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in METADATA_CLASSES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                        torch.memory_format)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
-
-
-def read_metadata(path: Path) -> Metadata:
-    """DCP's ``.metadata`` file, unpickled without running code; its shard paths must stay in the folder."""
-    try:
-        with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found (not a complete training checkpoint)") from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to unpickle: it would run code or load objects that are not "
-                              f"checkpoint metadata ({e})") from None
-    except Exception as e:  # truncated, not a pickle
-        raise CheckpointError(f"{path}: not readable checkpoint metadata ({type(e).__name__}: {e})") from None
-    storage = getattr(md, "storage_data", None)
-    if not isinstance(md, Metadata) or not isinstance(storage, dict):
-        raise CheckpointError(f"{path}: does not hold torch.distributed.checkpoint metadata")
-    for info in storage.values():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or not rel or "/" in rel or "\\" in rel or rel.startswith("."):
-            raise CheckpointError(f"{path}: names a shard file outside its folder ({rel!r})")
-    return md
-
-
-class SafeReader(FileSystemReader):
-    """DCP's file-system reader with :func:`read_metadata`, naming the shard file of any read error."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        md = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
-        md.storage_meta = md.storage_meta or StorageMeta()
-        md.storage_meta.load_id = self.load_id
-        return md
-
-    def read_data(self, plan, planner) -> Future:
-        by_file: dict[str, list] = {}
-        for item in plan.items:
-            by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for rel, items in by_file.items():
-            try:
-                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"{Path(self.path) / rel}: refused to unpickle: it would run code or load "
-                                      f"non-tensor objects ({unpickling_reason(e)})") from None
-            except (OSError, EOFError, RuntimeError, ValueError, AssertionError) as e:
-                raise CheckpointError(f"{Path(self.path) / rel}: not a readable checkpoint shard "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut
-
-
-class SafePlanner(DefaultLoadPlanner):
-    """DCP's load planner, reading non-tensor values (optimizer hyper-parameters) with weights_only=True."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)  # UnpicklingError for anything but plain data and tensors
-        # The parent reads with weights_only=False: hand it the plain object re-serialised, not the file's bytes.
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        buf.seek(0)
-        super().load_bytes(read_item, buf)
-
-
 def _rng_state(path: Path) -> torch.Tensor:
     try:
         state = torch.load(path, weights_only=True)
@@ -208,7 +121,10 @@ def load(path: str | Path, model, optimizer) -> dict:
     Raises :class:`CheckpointError` naming the file for anything unreadable or unsafe.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from moekit.train.safe_dcp import SafePlanner, SafeReader
 
     rank, world = _rank_world()
     path = Path(path)
