@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from moekit.errors import MoekitError
+
 SAFE_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -34,7 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 TMP_PREFIX, JOURNAL = ".moekit-tmp-", ".moekit-save.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoekitError):
     """A checkpoint folder is unusable; the message names the file and tensor."""
 
 
