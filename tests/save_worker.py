@@ -51,6 +51,7 @@ def hf_model(variant: int) -> MoEDecoder:
 def train_model(hf: dict = TRAIN_MODEL):
     """A model and its AdamW optimizer, with optimizer state."""
     model = MoEDecoder(detect_family(hf).to_config(dict(hf)), kernels="reference")
+    model.init_weights(generator=torch.Generator().manual_seed(0))  # not uninitialised memory (NaN != NaN)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
