@@ -370,15 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _unconverted(e: ValueError) -> bool:
-    """A plain ValueError from a module that still raises those for bad input (remove once they raise MoekitError)."""
-    tb = e.__traceback__
-    while tb and tb.tb_next:
-        tb = tb.tb_next
-    return type(e) is ValueError and tb is not None and tb.tb_frame.f_globals.get("__name__") in (
-        "moekit.upcycle", "moekit.weights.save")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     notes = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
@@ -390,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except ValueError as e:  # moekit's own errors name the bad input; anything else is a bug: traceback
-        if not isinstance(e, (MoekitError, CheckpointError)) and not _unconverted(e):
+        if not isinstance(e, (MoekitError, CheckpointError)):
             raise
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -201,8 +201,8 @@ def test_codec_errors_name_the_file(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
-def test_upcycle_errors_still_one_line(checkpoints, tmp_path, capsys):
-    """moekit.upcycle still raises plain ValueError for bad input; the CLI names it until it raises MoekitError."""
+def test_upcycle_errors_are_one_line(checkpoints, tmp_path, capsys):
+    """moekit.upcycle's bad-input errors are MoekitErrors: one line, no traceback."""
     rc, err = cli(capsys, "upcycle", "--model", str(checkpoints("xverse")[0]), "--out", str(tmp_path / "o"),
                   "--method", "random", "--experts", "2", "--top-k", "1")
     one_line(rc, err, "already has experts")

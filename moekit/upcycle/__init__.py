@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.errors import MoekitError
 from moekit.models import MoEDecoder
 from moekit.upcycle.assemble import LayerPlan, assemble, moe_config
 from moekit.upcycle.calibrate import calibration_windows, lm_loss, neuron_importance
@@ -28,7 +29,7 @@ from moekit.weights.io import TOKENIZER_FILES
 
 def _options(options: UpcycleOptions | None, kw: dict) -> UpcycleOptions:
     if options is not None and kw:
-        raise ValueError(f"give either options or keyword options, not both ({sorted(kw)})")
+        raise MoekitError(f"give either options or keyword options, not both ({sorted(kw)})")
     return options if options is not None else UpcycleOptions.from_dict(kw)
 
 
@@ -42,7 +43,7 @@ def upcycle(dense: MoEDecoder, options: UpcycleOptions | None = None, calibratio
     """
     o = _options(options, kw)
     if dense.config.moe is not None:
-        raise ValueError("the model to upcycle already has experts; give a dense (LlamaForCausalLM-style) model")
+        raise MoekitError("the model to upcycle already has experts; give a dense (LlamaForCausalLM-style) model")
     o.validate(dense.config.intermediate_size)
     scores = None
     if o.needs_calibration and calibration is not None:
@@ -78,10 +79,10 @@ def upcycle_checkpoint(model: str | Path, out: str | Path, options: UpcycleOptio
     check_target(out, ["config.json", *files])
     src_cfg = read_config(model)[0]
     if src_cfg.moe is not None:
-        raise ValueError(f"{model}: already has experts; give a dense (LlamaForCausalLM-style) checkpoint")
+        raise MoekitError(f"{model}: already has experts; give a dense (LlamaForCausalLM-style) checkpoint")
     o.validate(src_cfg.intermediate_size)  # before the (slow) load
     if o.needs_calibration and calibration is None:
-        raise ValueError(missing_calibration(o))
+        raise MoekitError(missing_calibration(o))
     dense = load(model, dtype=torch.float32, progress=progress)
     windows = None
     if calibration is not None:
@@ -108,13 +109,13 @@ def upcycle_from_spec(spec: dict, overrides: dict | None = None, seed: int = 0) 
     spec = dict(spec)
     path = spec.pop("path", None)
     if not path:
-        raise ValueError("model.upcycle.path: the dense checkpoint folder is required")
+        raise MoekitError("model.upcycle.path: the dense checkpoint folder is required")
     calibration, tokenizer = spec.pop("calibration", None), spec.pop("tokenizer", None)
     seq_len, max_windows = int(spec.pop("seq_len", 256)), int(spec.pop("max_windows", 64))
     spec.setdefault("seed", seed)
     o = UpcycleOptions.from_dict(spec, "model.upcycle")
     if o.needs_calibration and calibration is None:
-        raise ValueError("model.upcycle: " + missing_calibration(o))
+        raise MoekitError("model.upcycle: " + missing_calibration(o))
     dense = load(path, dtype=torch.float32)
     windows = None
     if calibration is not None:
@@ -135,7 +136,7 @@ def _with_overrides(model: MoEDecoder, overrides: dict, path: str) -> MoEDecoder
         return model.train()
     extra = (set(overrides) - {"moe"}) | (set(overrides.get("moe", {})) - TRAINING_KNOBS)
     if extra:
-        raise ValueError(f"model.overrides: {sorted(extra)} would change the shapes of the upcycled weights of "
+        raise MoekitError(f"model.overrides: {sorted(extra)} would change the shapes of the upcycled weights of "
                          f"{path}; only {sorted(TRAINING_KNOBS)} can change (set the rest in model.upcycle)")
     new = MoEDecoder(apply_overrides(model.config, overrides))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)

@@ -83,6 +83,8 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a symlink loop, no permission, a directory
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moekit.errors import MoekitError
 from moekit.families import NameMap, get_family
 from moekit.models import MoEDecoder
 from moekit.weights.io import (SAFE_INDEX, CheckpointError, FolderCommit, finish_interrupted, is_checkpoint,
@@ -86,16 +87,16 @@ def save(model: MoEDecoder, path: str | Path, format: str = "hf", family: str | 
     folder without a checkpoint where one of the files written already exists.
     """
     if format != "hf":
-        raise ValueError(f"format {format!r} is not supported; use 'hf'")
+        raise MoekitError(f"format {format!r} is not supported; use 'hf'")
     cfg = model.config
     family = family or cfg.family
     if family is None:
-        raise ValueError("the model has no family; pass family=... (e.g. 'mixtral', 'xverse')")
+        raise MoekitError("the model has no family; pass family=... (e.g. 'mixtral', 'xverse')")
     fam = get_family(family)
     hf_cfg = fam.to_hf(cfg)  # raises ConfigError when the layout cannot express the model
     biased = [name for name, buf in model.named_buffers() if name.endswith("router.bias") and bool(buf.any())]
     if biased:
-        raise ValueError(f"the {family} layout has no place for the routers' balancing biases ({biased[0]}, ...), "
+        raise MoekitError(f"the {family} layout has no place for the routers' balancing biases ({biased[0]}, ...), "
                          "which change which experts are chosen; keep the training checkpoint, or train with "
                          "bias_balance off for this layout")
     dtype = as_dtype(dtype) or model.embed.weight.dtype
