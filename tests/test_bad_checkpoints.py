@@ -110,3 +110,13 @@ def test_truncated_bin_shard(checkpoints, tmp_path):
 def test_not_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         moekit.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd", "sub/model.safetensors", ".hidden.safetensors"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(xverse, shard):
+    index = json.loads((xverse / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (xverse / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"names shard {shard!r}, which is not a file name inside"):
+        moekit.load(xverse)

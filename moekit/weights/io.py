@@ -94,6 +94,10 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             wmap = read_json(folder / index_name).get("weight_map")
             if not isinstance(wmap, dict):
                 raise CheckpointError(f"{folder / index_name}: has no 'weight_map' object")
+            outside = [f for f in wmap.values() if not _plain(f)]
+            if outside:  # "../../etc/passwd": shards are files of the checkpoint folder itself
+                raise CheckpointError(f"{folder / index_name}: names shard {outside[0]!r}, which is not a file "
+                                      f"name inside the checkpoint folder")
             files = [current(folder / f) for f in dict.fromkeys(wmap.values())]
             for f in files:
                 if not f.exists():
