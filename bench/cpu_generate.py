@@ -183,7 +183,8 @@ def measure(contenders: list, floor_bytes, rounds: int = 3) -> dict[str, dict[st
 
 
 # a busy process that ends itself if this one dies (or after 10 minutes), so no spinner outlives the run
-SPIN = "import os, time\np, end = os.getppid(), time.monotonic() + 600\nwhile os.getppid() == p and time.monotonic() < end: pass"
+SPIN = ("import os, time\np, end = os.getppid(), time.monotonic() + 600\n"
+        "while os.getppid() == p and time.monotonic() < end: pass")
 
 
 def measure_contended(contenders: list, rounds: int = 3) -> dict[str, float]:

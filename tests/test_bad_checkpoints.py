@@ -56,6 +56,12 @@ def test_misshaped_tensor(xverse):
     ({"hidden_act": "gelu"}, r"'hidden_act'='gelu' is not supported"),
     ({"rope_scaling": {"type": "yarn", "factor": 4}}, r"'rope_scaling' type 'yarn' is not supported"),
     ({"model_type": "bert", "architectures": ["BertModel"]}, r"model_type='bert'.*is not a family moekit reads"),
+    # absurd or zero sizes are refused before anything is allocated
+    ({"num_attention_heads": 0}, r"config\.json: config\.json field 'num_attention_heads'=0 must be a positive"),
+    ({"vocab_size": 10**12}, r"config\.json: its sizes \(vocab_size=1000000000000, hidden_size=64, 2 layers\) make "
+                             r"128,000,[\d,]+ parameters, but the weight files hold only [\d,]+ bytes"),
+    ({"vocab_size": 1e12}, r"vocab_size=1000000000000\.0 is out of range: must be a positive integer"),
+    ({"rope_theta": "fast"}, r"config\.json: a field has the wrong type \(could not convert string to float: 'fast'\)"),
 ])
 def test_config_out_of_range(xverse, change, message):
     cfg = json.loads((xverse / "config.json").read_text())

@@ -2,7 +2,6 @@
 and never a silent wrong answer."""
 
 import importlib
-import json
 import os
 import shutil
 import signal
@@ -83,21 +82,6 @@ def test_int_tensor_in_a_bin_shard(checkpoints, tmp_path):
     torch.save(state, shard)
     with pytest.raises(CheckpointError, match=r"'model\.embed_tokens\.weight' holds torch\.int32 integers"):
         moekit.load(folder)
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"num_attention_heads": 0}, r"config\.json: config\.json field 'num_attention_heads'=0 must be a positive"),
-    ({"vocab_size": 10**12}, r"config\.json: its sizes \(vocab_size=1000000000000, hidden_size=64, 2 layers\) make "
-                             r"128,000,[\d,]+ parameters, but the weight files hold only [\d,]+ bytes"),
-    ({"vocab_size": 1e12}, r"vocab_size=1000000000000\.0 is out of range: must be a positive integer"),
-    ({"rope_theta": "fast"}, r"config\.json: a field has the wrong type \(could not convert string to float: 'fast'\)"),
-])
-def test_absurd_or_zero_sizes_are_refused_before_allocating(xverse, change, message):
-    cfg = json.loads((xverse / "config.json").read_text())
-    cfg.update(change)
-    (xverse / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=message):
-        moekit.load(xverse)
 
 
 def test_shapes_are_checked_against_the_headers_before_allocating(xverse, monkeypatch):

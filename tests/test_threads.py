@@ -67,7 +67,8 @@ def test_the_users_thread_count_is_the_ceiling(monkeypatch, two_threads):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
 def test_other_load_counts_another_process():
-    spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass"])
+    spin = subprocess.Popen([sys.executable, "-c",
+                             "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass"])
     try:
         time.sleep(0.3)
         load = machine.OtherLoad()

@@ -1,7 +1,6 @@
 """The trainer end to end on a tiny model: learning, logging, export, exact resume after SIGKILL, SIGTERM."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
