@@ -15,15 +15,12 @@ from moekit.train import load_config
 from moekit.train.data import Source, documents
 from moekit.train.trainer import _lock
 from tests.test_train_loop import MODEL
-from tests.tokfixtures import TEXT, write_hf_bpe
+from tests.tokfixtures import write_training_folder
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("badruns")
-    write_hf_bpe(root / "tok")
-    (root / "text.txt").write_text("\n\n".join(f"{TEXT[i % len(TEXT)]} ({i})" for i in range(60)))
-    return root
+    return write_training_folder(tmp_path_factory.mktemp("badruns"), 60)
 
 
 def run_file(root, name, extra="", data="text.txt", seq_len=32):

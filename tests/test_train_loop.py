@@ -12,7 +12,7 @@ import yaml
 import moekit
 from moekit.train import load_config, train
 from moekit.train.checkpoint import latest
-from tests.tokfixtures import TEXT, write_hf_bpe
+from tests.tokfixtures import write_training_folder
 
 MODEL = {"model_type": "xverse", "architectures": ["XverseForCausalLM"], "vocab_size": 400, "hidden_size": 48,
          "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 8,
@@ -22,10 +22,7 @@ MODEL = {"model_type": "xverse", "architectures": ["XverseForCausalLM"], "vocab_
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_hf_bpe(root / "tok")
-    (root / "text.txt").write_text("\n\n".join(f"{TEXT[i % len(TEXT)]} ({i})" for i in range(300)))
-    return root
+    return write_training_folder(tmp_path_factory.mktemp("train"), 300)
 
 
 def run_file(root, name, **over):

@@ -136,3 +136,10 @@ def write_xverse(folder: Path, vocab_size: int = 700) -> None:
                for k, v in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"), ("pad_token", "<pad>"))}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def write_training_folder(root: Path, documents: int) -> Path:
+    """A BPE tokenizer in ``root/tok`` and ``root/text.txt`` of ``documents`` numbered paragraphs."""
+    write_hf_bpe(root / "tok")
+    (root / "text.txt").write_text("\n\n".join(f"{TEXT[i % len(TEXT)]} ({i})" for i in range(documents)))
+    return root
