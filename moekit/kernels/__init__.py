@@ -2,7 +2,7 @@
 
 A :class:`Backend` holds the functions of :mod:`moekit.kernels.reference`
 (``linear``, ``mlp``, ``route``, ``moe_experts``, ``rms_norm``, ``attention``,
-``rotary``; ``advise_weights``, called on freshly allocated, not yet filled weights by
+``rotary``, ``paged_attention``; ``advise_weights``, called on freshly allocated, not yet filled weights by
 the loader) and ``paths``, what runs each op. It is chosen once, when a model is built
 (``MoEDecoder(cfg, kernels=...)``), never per call:
 
@@ -48,6 +48,7 @@ class Backend:
     attention: Callable
     rotary: Callable
     route: Callable
+    paged_attention: Callable = reference.paged_attention
     advise_weights: Callable = _no_advice
     paths: dict[str, str] = field(default_factory=dict)  # op -> what runs it
     reason: str = ""  # why this backend (auto's choice, an unavailable faster one)
@@ -55,7 +56,7 @@ class Backend:
     @classmethod
     def of(cls, name: str, impl, paths: dict[str, str], reason: str = "") -> Backend:
         return cls(name, impl.linear, impl.mlp, impl.moe_experts, impl.rms_norm, impl.attention, impl.rotary,
-                   impl.route, getattr(impl, "advise_weights", _no_advice), paths, reason)
+                   impl.route, impl.paged_attention, getattr(impl, "advise_weights", _no_advice), paths, reason)
 
     def describe(self) -> list[str]:
         """One line for the backend, one per op."""

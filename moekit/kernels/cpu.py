@@ -260,6 +260,10 @@ class CpuKernels:
             return self._fallback("rotary", why)(x_BNTA, cos_BTA, sin_BTA)
         return self.ext.rotary(x_BNTA.contiguous(), cos_BTA.contiguous(), sin_BTA.contiguous())
 
+    def paged_attention(self, q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale=None) -> torch.Tensor:
+        """Attention over a paged KV cache (see :func:`moekit.kernels.reference.paged_attention`)."""
+        return reference.paged_attention(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale)
+
     def attention(self, q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
         """Any number of query tokens: a row kernel for a few, blocked (flash) attention for many."""
         why = _unfit(q_BHTA, k_BGSA, v_BGSA) or (None if q_BHTA.shape[-1] % 16 == 0 else

@@ -112,3 +112,36 @@ def attention(q_BHTA: torch.Tensor, k_BGSA: torch.Tensor, v_BGSA: torch.Tensor,
     if mask_BTS is None:
         return F.scaled_dot_product_attention(q_BHTA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q_BHTA, k_BGSA, v_BGSA, attn_mask=mask_BTS[:, None], enable_gqa=gqa)
+
+
+def paged_attention(q_NHA: torch.Tensor, k_PGCA: torch.Tensor, v_PGCA: torch.Tensor, table_RM: torch.Tensor,
+                    starts_R1: torch.Tensor, lens_R: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of many requests' new tokens over a paged KV cache (the oracle of the fast twins).
+
+    Shapes: N new query tokens of all requests, back to back; H query heads; A head width;
+    P blocks in the pool; G key/value heads; C tokens per block; R requests; M block-table width.
+    Request r's queries are ``q[starts[r]:starts[r + 1]]`` (n_r of them); its keys/values are the
+    first ``lens[r]`` tokens of blocks ``table[r, 0], table[r, 1], ...`` (its new tokens already
+    stored), so its query i sits at position lens[r] - n_r + i and sees keys 0 .. that position.
+    Slots past ``lens[r]`` may hold anything (they are never read). Head h reads key/value head
+    h // (H / G). Returns o [N, H, A] in q's dtype.
+    """
+    N, H, A = q_NHA.shape
+    G, C = k_PGCA.shape[1], k_PGCA.shape[2]
+    scale = A ** -0.5 if scale is None else scale
+    out = torch.empty_like(q_NHA)
+    starts, lens = starts_R1.tolist(), lens_R.tolist()
+    for r, S in enumerate(lens):
+        q0, q1 = starts[r], starts[r + 1]
+        if q1 == q0:
+            continue
+        blocks = table_RM[r, :(S + C - 1) // C].long()
+        k_GSA = k_PGCA[blocks].transpose(0, 1).reshape(G, -1, A)[:, :S]
+        v_GSA = v_PGCA[blocks].transpose(0, 1).reshape(G, -1, A)[:, :S]
+        n = q1 - q0
+        pos = torch.arange(S - n, S, device=q_NHA.device)[:, None]
+        mask_TS = torch.arange(S, device=q_NHA.device)[None, :] <= pos
+        o = F.scaled_dot_product_attention(q_NHA[q0:q1].transpose(0, 1)[None], k_GSA[None], v_GSA[None],
+                                           attn_mask=mask_TS, scale=scale, enable_gqa=H != G)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out

@@ -76,3 +76,7 @@ def rotary(x_BNTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -
 
 def attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
     return reference.attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS)
+
+
+def paged_attention(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale=None) -> torch.Tensor:
+    return reference.paged_attention(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale)
