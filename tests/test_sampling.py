@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moekit.engine.sampling import SamplingParams, apply_penalties, sample, warp
+from moekit.engine.sampling import SamplingParams, apply_penalties, draw_key, gumbel, sample, warp, warp_rows
 
 
 def test_repetition_penalty_hand_computed():
@@ -53,10 +53,8 @@ def test_temperature_scales_logits():
 
 def test_sampled_frequencies_follow_the_warped_distribution():
     logits = torch.tensor([[0.0, math.log(3.0), -10.0]])
-    g = torch.Generator().manual_seed(0)
     params = [SamplingParams(top_k=2)]
-    draws = [int(sample(logits, params, [g], torch.zeros(1, 3, dtype=torch.bool), torch.zeros(1, 3)))
-             for _ in range(4000)]
+    draws = [int(sample(logits, params, torch.tensor([draw_key(0, i)]))) for i in range(4000)]
     assert 2 not in draws  # removed by top-k
     assert abs(draws.count(1) / 4000 - 0.75) < 0.03
 
@@ -64,9 +62,34 @@ def test_sampled_frequencies_follow_the_warped_distribution():
 def test_greedy_and_suppression():
     logits = torch.tensor([[0.0, 5.0, 1.0]])
     params = [SamplingParams(temperature=0)]
-    none = torch.zeros(1, 3, dtype=torch.bool)
-    assert sample(logits, params, [None], none, torch.zeros(1, 3)).item() == 1
-    assert sample(logits, params, [None], none, torch.zeros(1, 3), suppress=[(1,)]).item() == 2
+    assert sample(logits, params, None).item() == 1
+    assert sample(logits, params, None, suppress_BV=torch.tensor([[False, True, False]])).item() == 2
+
+
+def test_rows_warp_with_their_own_parameters():
+    """One vectorised pass equals the single-row warp of each row, whatever its neighbours ask for."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    logits[0, :3] = 4.0  # ties at the top-k boundary are kept, as transformers keeps them
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.7), SamplingParams(min_p=0.1, temperature=0.5),
+              SamplingParams(top_k=10, top_p=0.9, min_p=0.05), SamplingParams(temperature=0), SamplingParams()]
+    rows = warp_rows(logits, params)
+    for b, p in enumerate(params):
+        assert torch.equal(rows[b], warp(logits[b], p)), p
+    assert torch.isfinite(rows[0]).sum() == 3
+
+
+def test_draws_depend_on_the_key_only():
+    """A row's draw is a function of its key: the same in any batch, different for another draw index."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 1000, generator=g)
+    keys = torch.tensor([draw_key(7, 0), draw_key(7, 1), draw_key(8, 0)])
+    together = sample(logits, [SamplingParams()] * 3, keys)
+    alone = [int(sample(logits[b:b + 1], [SamplingParams()], keys[b:b + 1])) for b in range(3)]
+    assert together.tolist() == alone
+    noise = gumbel(keys, 1000)
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(noise, gumbel(keys, 1000))
 
 
 @pytest.mark.parametrize("field, value", [

@@ -47,6 +47,9 @@ class Scripted:
             def cancel(self, index):
                 pass
 
+            def close(self):
+                pass
+
         return Steps()
 
 

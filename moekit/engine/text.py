@@ -79,6 +79,12 @@ class TextGenerator:
         prompts, params = self.engine._check(prompts, params)
         rows = [_Row(self.tokenizer, sp) for sp in params]
         steps = self.engine.stream(prompts, params)
+        try:
+            yield from self._events(steps, rows)
+        finally:  # the consumer stopped early: its requests leave the engine
+            steps.close()
+
+    def _events(self, steps, rows) -> Iterator[TextEvent]:
         for events in steps:
             for ev in events:
                 row = rows[ev.index]

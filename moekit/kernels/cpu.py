@@ -9,7 +9,7 @@ The extension is compiled once per machine with the system compiler
   uses AMX tiles where the CPU has them); experts with many tokens on moekit's packed
   microkernel or on ATen's GEMMs, whichever a one-time measurement on this machine found
   faster (cached next to the compiled kernels, :func:`pick_gemm`);
-- attention, RMSNorm, RoPE and routing on moekit's kernels.
+- attention (contiguous or paged KV cache), RMSNorm, RoPE and routing on moekit's kernels.
 
 A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
 PyTorch reference, which is also their oracle in tests, and says so once (a warning).
@@ -35,6 +35,7 @@ from moekit.machine import OtherLoad, cpu_info
 
 SOURCES = Path(__file__).with_name("cpu")
 MAX_TOKENS = 32  # linear/mlp: beyond this, ATen's GEMMs (oneDNN / MKL) are faster than streaming
+PAGED_ROW_MAX = 4  # paged attention: a request with more new tokens takes the flash path (ROW_MAX in paged.cpp)
 MOE_CHUNK = 1024  # tokens per fused-kernel call: bounds its float32 scratch (tokens x top-k x width)
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -195,6 +196,8 @@ class CpuKernels:
         return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
                 "experts": f"moekit fused MoE; experts with >= 16 tokens: {many} [{why}]",
                 "attention": "moekit (flash for many query tokens)",
+                "paged_attention": f"moekit: row kernel over the block table (<= {PAGED_ROW_MAX} new tokens of a "
+                                   "request), flash over gathered key blocks (more)",
                 "rms_norm, rotary, route": "moekit"}
 
     def _fallback(self, op: str, reason: str):
@@ -261,8 +264,17 @@ class CpuKernels:
         return self.ext.rotary(x_BNTA.contiguous(), cos_BTA.contiguous(), sin_BTA.contiguous())
 
     def paged_attention(self, q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale=None) -> torch.Tensor:
-        """Attention over a paged KV cache (see :func:`moekit.kernels.reference.paged_attention`)."""
-        return reference.paged_attention(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale)
+        """Attention over a paged KV cache (see :func:`moekit.kernels.reference.paged_attention`): a row
+        kernel reading the cache in place for requests with a few new tokens, flash for longer chunks."""
+        A = q_NHA.shape[-1]
+        why = (_unfit(q_NHA, k_PGCA, v_PGCA) or (None if A % 16 == 0 else f"head width {A} is not a multiple of 16")
+               or (None if all(t.device.type == "cpu" for t in (table_RM, starts_R1, lens_R)) else "index tensors "
+                   "off the CPU") or (None if k_PGCA.stride(-1) == v_PGCA.stride(-1) == 1 else "a strided KV pool"))
+        if why:
+            return self._fallback("paged_attention", why)(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale)
+        ints = [t.to(torch.int32).contiguous() for t in (table_RM, starts_R1, lens_R)]
+        q = q_NHA if q_NHA.stride(-1) == 1 else q_NHA.contiguous()
+        return self.ext.paged_attention(q, k_PGCA, v_PGCA, *ints, A ** -0.5 if scale is None else scale)
 
     def attention(self, q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
         """Any number of query tokens: a row kernel for a few, blocked (flash) attention for many."""

@@ -104,7 +104,8 @@ class Attention(nn.Module):
         return out
 
     def forward(self, x_BTD, cos_BTA, sin_BTA, cache=None, layer: int = 0) -> torch.Tensor:
-        """``cache`` (optional) stores this step's keys/values and returns the whole history with a mask."""
+        """``cache`` (optional) stores this step's keys/values and attends over the whole history
+        (see :mod:`moekit.engine.kv_cache`)."""
         B, T, _ = x_BTD.shape
         qkv = self.kernels.linear(x_BTD, self.wqkv, self.bqkv)
         q_BHTA, k_BGTA, v_BGTA = qkv.view(B, T, self.h + 2 * self.g, self.a).transpose(1, 2).split(
@@ -112,11 +113,10 @@ class Attention(nn.Module):
         q_BHTA = self.kernels.rotary(q_BHTA, cos_BTA, sin_BTA)
         k_BGTA = self.kernels.rotary(k_BGTA, cos_BTA, sin_BTA)
         if cache is None:
-            o_BHTA = self.kernels.attention(q_BHTA, k_BGTA, v_BGTA)
+            o_BTX = self.kernels.attention(q_BHTA, k_BGTA, v_BGTA).transpose(1, 2).reshape(B, T, self.h * self.a)
         else:
-            k_BGSA, v_BGSA, mask_BTS = cache.update(layer, k_BGTA, v_BGTA)
-            o_BHTA = self.kernels.attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS)
-        return self.kernels.linear(o_BHTA.transpose(1, 2).reshape(B, T, self.h * self.a), self.wo)
+            o_BTX = cache.attend(layer, q_BHTA, k_BGTA, v_BGTA, self.kernels)
+        return self.kernels.linear(o_BTX, self.wo)
 
 
 class MLP(nn.Module):

@@ -54,12 +54,14 @@ class MoEDecoder(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None, cache=None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with ``last_only``).
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with ``last_only``, [B, K, V] with ``logits_at``).
 
         positions_BT: RoPE positions (default 0..T-1, or continuing ``cache``).
-        cache: a :class:`~moekit.engine.kv_cache.KVCache` that this call appends to; None runs
+        cache: a KV cache that this call appends to (:mod:`moekit.engine.kv_cache`); None runs
             plain causal attention over ``input_ids_BT`` alone.
+        logits_at: the K token indices whose logits are wanted (the engine's last token of each
+            request, or prompt positions for prompt logprobs).
         """
         B, T = input_ids_BT.shape
         limit = None  # a host-side bound on the positions, when known (spares RoPE a device sync)
@@ -78,6 +80,8 @@ class MoEDecoder(nn.Module):
             cache.commit(T)
         if last_only:
             x_BTD = x_BTD[:, -1:]
+        elif logits_at is not None:
+            x_BTD = x_BTD[:, logits_at]
         return self.kernels.linear(self.norm(x_BTD), self.output_weight)
 
     @contextmanager

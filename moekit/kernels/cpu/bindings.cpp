@@ -26,5 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &moekit::silu_mul, "silu(gate) * up over [gate | up] rows");
   m.def("rotary", &moekit::rotary, "rotate-half RoPE");
   m.def("attention", &moekit::attention, "attention of a few query tokens over a KV cache slice");
+  m.def("paged_attention", &moekit::paged_attention, "causal attention of many requests' new tokens over a paged KV cache",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("table"), py::arg("starts"), py::arg("lens"), py::arg("scale"));
   m.def("has_avx512_bf16", &moekit::has_avx512_bf16, "whether vdpbf16ps is compiled in");
 }

@@ -161,5 +161,7 @@ torch::Tensor silu_mul(torch::Tensor h);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                         double scale);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor table,
+                              torch::Tensor starts, torch::Tensor lens, double scale);
 
 }  // namespace moekit
