@@ -81,10 +81,13 @@ class Engine:
             if num_blocks < 2:
                 raise MoekitError(f"Engine: kv_cache_bytes={kv_cache_bytes} holds {num_blocks} blocks of "
                                   f"{block_bytes} bytes; at least 2 are needed")
-        self.pool = BlockPool(num_blocks, block_size, prefix_caching)
+        # dynamic-NTK RoPE rotates by the length of each forward pass: a prompt is prefilled whole, never from
+        # cached blocks (they were computed at another length), for transformers' results
+        dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic"
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching and not dynamic)
         self.kv = PagedKVCache(cfg, num_blocks, block_size, self.dtype, self.device)
         self.block_bytes = block_bytes
-        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens, chunked_prefill=not dynamic)
         self.governor = ThreadGovernor() if adapt_threads and self.device.type == "cpu" else None
         self._governing = False
         from moekit.engine.cuda_graph import GraphRunner, applies
@@ -241,7 +244,7 @@ class Engine:
                                torch.tensor(starts, dtype=torch.int32, device=dev),
                                torch.tensor(lens, dtype=torch.int32, device=dev), max(pos) + 1)
             logits_KV = self.model(torch.tensor([ids], device=dev), cache=batch,
-                                   logits_at=torch.tensor(rows, device=dev))[0]
+                                   logits_at=torch.tensor(rows, dtype=torch.long, device=dev))[0]
         for s in plan:
             decode = s.num_new == 1 and s.request.output_ids and s.request.num_computed == s.request.num_tokens - 1
             self.stats.prefill_tokens += 0 if decode else s.num_new

@@ -131,6 +131,11 @@ class PagedBatch:
     def position_limit(self, T: int) -> int:
         return self.limit
 
+    def sequence_lengths(self) -> torch.Tensor:
+        """[1, N]: each token's request length after this step (dynamic-NTK RoPE scales per request)."""
+        counts = (self.starts_R1[1:] - self.starts_R1[:-1]).long()
+        return torch.repeat_interleave(self.lens_R.long(), counts, output_size=self.positions_N.shape[0])[None]
+
     def prepare(self, T: int) -> None:
         """Split the slots into (block, offset) once per forward (inside a captured graph too)."""
         C = self.kv.block_size

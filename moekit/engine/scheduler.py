@@ -69,8 +69,11 @@ class Scheduled:
 class Scheduler:
     """Admission, chunked prefill and preemption over one :class:`BlockPool`."""
 
-    def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 512):
-        self.pool, self.C = pool, pool.block_size
+    def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 chunked_prefill: bool = True):
+        """chunked_prefill=False: a prompt is prefilled in one step, alone in the budget if it exceeds it
+        (dynamic-NTK RoPE scales by the length of each forward, so chunks would change the result)."""
+        self.pool, self.C, self.chunked = pool, pool.block_size, chunked_prefill
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []  # in admission order
@@ -129,9 +132,11 @@ class Scheduler:
         decoding = [r for r in self.running if r.num_tokens - r.num_computed == 1]
         prefilling = [r for r in self.running if r.num_tokens - r.num_computed > 1]
         for req in decoding + prefilling:
-            if req.status != RUNNING or budget == 0:
+            if req.status != RUNNING or budget <= 0:
                 continue
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = self._chunk(req, req.num_computed, budget)
+            if n == 0:
+                continue
             while not self._grow(req, req.num_computed + n):
                 victim = self.running[-1]  # the youngest
                 budget += self._preempt(victim, plan)
@@ -148,6 +153,13 @@ class Scheduler:
             budget -= plan[-1].num_new
         return plan
 
+    def _chunk(self, req: Request, start: int, budget: int) -> int:
+        """Tokens ``req`` gets this step from ``start`` (0: none fit)."""
+        left = req.num_tokens - start
+        if self.chunked or left <= budget:
+            return min(left, budget)
+        return left if budget == self.max_num_batched_tokens else 0  # whole, and alone
+
     def _admit(self, req: Request, budget: int, plan: list[Scheduled]) -> bool:
         """Start (or restart) ``req`` with what the prefix cache holds plus one chunk, if the pool allows."""
         hits = self._prefix_hits(req)
@@ -155,8 +167,8 @@ class Scheduler:
             self.pool.share(b)
         req.blocks = list(hits)
         start = len(hits) * self.C
-        n = min(req.num_tokens - start, budget)
-        if not self._grow(req, start + n):
+        n = self._chunk(req, start, budget)
+        if n == 0 or not self._grow(req, start + n):
             self._free(req)
             return False
         if req.num_preemptions == 0:

@@ -76,7 +76,7 @@ def _triton(name: str) -> Backend:
             raise MoekitError(f"kernel backend 'triton' needs the triton package ({e})") from None
         warnings.warn(f"moekit: Triton kernels unavailable ({e}); using the reference path", stacklevel=3)
         return _reference(f"Triton unavailable: {e}")
-    return Backend.of("triton", kernels, {"experts, routing, norms, rotary": "Triton",
+    return Backend.of("triton", kernels, {"experts, routing, norms, rotary, paged_attention": "Triton",
                                           "linear, attention": "cuBLAS / SDPA"})
 
 

@@ -58,21 +58,26 @@ class Rotary(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos(), ang.sin()
 
-    def forward(self, pos_BT: torch.Tensor, dtype: torch.dtype, limit: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pos_BT: torch.Tensor, dtype: torch.dtype, limit: int | None = None,
+                seq_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, A] for integer positions ``pos_BT``.
 
         limit: a bound on max(pos_BT) + 1 known on the host; without it the table size comes
         from the positions themselves (a device sync, which a CUDA-graph capture forbids).
+        seq_BT: dynamic NTK only: each token's sequence length in this forward (requests of an
+        engine step differ); default: max(pos_BT) + 1 for all, as transformers computes it.
         """
         if self.scaling is not None and self.scaling.kind == "dynamic":  # NTK: base grows with the sequence
-            seq, inv = int(pos_BT.max()) + 1, self.inv_freq
-            if seq > self.max_pos:
-                f = self.scaling.factor
-                base = self.theta * ((f * seq / self.max_pos) - (f - 1)) ** (self.dim / (self.dim - 2))
-                inv = self._inv_freq(base).to(pos_BT.device)
-            cos, sin = self._angles(pos_BT.float(), inv)
-            return cos.to(dtype), sin.to(dtype)
+            if seq_BT is None:
+                seq_BT = torch.full_like(pos_BT, int(pos_BT.max()) + 1)
+            f, seq = self.scaling.factor, seq_BT.double()
+            grown = self.theta * ((f * seq / self.max_pos) - (f - 1)) ** (self.dim / (self.dim - 2))
+            base = torch.where(seq > self.max_pos, grown, torch.full_like(seq, self.theta))
+            exps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=pos_BT.device).float() / self.dim
+            inv = 1.0 / base.float()[..., None] ** exps  # [B, T, A/2], in float32 as _inv_freq computes it
+            ang = pos_BT.float()[..., None] * inv
+            ang = torch.cat((ang, ang), dim=-1)
+            return ang.cos().to(dtype), ang.sin().to(dtype)
         need = int(pos_BT.max()) + 1 if limit is None else limit
         cos, sin = self._table.get(dtype, (None, None))
         if cos is None or cos.shape[0] < need or cos.device != pos_BT.device:

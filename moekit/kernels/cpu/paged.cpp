@@ -14,7 +14,7 @@
 namespace moekit {
 
 constexpr int64_t ROW_MAX = 4;    // a request with more new tokens takes the flash path
-constexpr double ROW_COST = 2.0;  // cost of a row-kernel (query, key) pair in flash pairs (memory-bound)
+constexpr double ROW_COST = 4.0;  // cost of a row-kernel (query, key) pair in flash pairs (memory-bound)
 constexpr double ITEM_KEYS = 64;  // fixed cost of a work item, in (query, key) pairs
 
 // Where request r's cache rows live: pool strides of a block (p), a kv head (g) and a slot (c).
@@ -171,7 +171,7 @@ torch::Tensor paged_impl(const torch::Tensor& q, const torch::Tensor& k, const t
       A* orow = O + ((st[r] + it.t0) * H + it.h) * Dh;
       if (n <= ROW_MAX) {  // query t sits at position S - n + t
         for (int64_t t = 0; t < n; ++t)
-          paged_row(qr + t * qn, orow + t * H * Dh, kv, r, g, S - n + t + 1, Dh, scale, qf.data(), s.data());
+          paged_row(qr + t * qn, orow + t * H * Dh, kv, r, g, S - n + t + 2, Dh, scale, qf.data(), s.data());
         continue;
       }
       const int64_t f = (first[r] + g * ((S + KB - 1) / KB)) * block;

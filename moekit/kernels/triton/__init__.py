@@ -3,8 +3,9 @@
 Every function has the signature of its twin in :mod:`moekit.kernels.reference` and
 falls back to it where the kernels do not apply: CPU tensors (unless the kernels were
 built for the interpreter, ``TRITON_INTERPRET=1``), autograd, other dtypes.
-Dense matmuls stay with cuBLAS (``linear``) and attention with PyTorch's SDPA
-(flash / memory-efficient kernels). Design notes: docs/gpu.md.
+Dense matmuls stay with cuBLAS (``linear``) and attention over a contiguous cache
+with PyTorch's SDPA (flash / memory-efficient kernels); attention over a paged cache
+is ``paged.py``. Design notes: docs/gpu.md.
 
     moe.py       routed + shared experts: the decode (GEMV) and grouped (aligned GEMM) paths
     routing.py   softmax / sigmoid scores, selection bias, top-k, renormalisation
@@ -12,6 +13,7 @@ Dense matmuls stay with cuBLAS (``linear``) and attention with PyTorch's SDPA
     grouped.py   grouped GEMMs: gate+up with SiLU-and-multiply; down with the routing weight
     decode.py    GEMV-style gate+up and down (weighted top-k sum fused) for a few tokens
     elementwise.py  RMSNorm, SiLU-and-multiply, RoPE
+    paged.py     attention over a paged KV cache (online softmax through the block table)
     tuning.py    autotuning over short config lists (no tuning files)
     interpret.py running on CPU under TRITON_INTERPRET=1 (tests, bench smoke runs)
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from moekit.kernels import reference
-from moekit.kernels.triton import elementwise, routing
+from moekit.kernels.triton import elementwise, paged, routing
 from moekit.kernels.triton.interpret import interpreted
 from moekit.kernels.triton.moe import fused_moe
 
@@ -79,4 +81,9 @@ def attention(q_BHTA, k_BGSA, v_BGSA, mask_BTS=None) -> torch.Tensor:
 
 
 def paged_attention(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale=None) -> torch.Tensor:
+    ints = (table_RM, starts_R1, lens_R)
+    if (_applies(q_NHA, k_PGCA, v_PGCA) and q_NHA.dim() == 3 and k_PGCA.dim() == 4 and k_PGCA.shape == v_PGCA.shape
+            and k_PGCA.stride(-1) == v_PGCA.stride(-1) == 1 and all(t.device == q_NHA.device for t in ints)):
+        return paged.paged_attention(q_NHA if q_NHA.stride(-1) == 1 else q_NHA.contiguous(), k_PGCA, v_PGCA,
+                                     table_RM, starts_R1, lens_R, scale)
     return reference.paged_attention(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale)
