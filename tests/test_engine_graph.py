@@ -1,9 +1,9 @@
-"""The CUDA-graph decode path (moekit/engine/cuda_graph.py) against the eager engine.
+"""The CUDA-graph step runner (moekit/engine/cuda_graph.py) against the eager engine.
 
-Off CUDA, ``Engine(model, cuda_graph=True)`` runs the very same fixed-shape step (static
-cache, device-side length, full-capacity masked attention, rows kept in the batch, the
-one-step-ahead loop) without capturing it, so everything but the capture is checked here;
-the ``gpu`` test captures real graphs.
+Off CUDA, ``Engine(model, cuda_graph=True)`` runs the very same fixed-shape decode step (static
+inputs padded to a batch-size bucket, padding rows on the scratch block, full-width block
+tables) without capturing it, so everything but the capture is checked here; the ``gpu`` tests
+capture real graphs.
 """
 
 import pytest
@@ -11,8 +11,6 @@ import torch
 
 from moekit.config import ModelConfig, MoEConfig, RopeScaling
 from moekit.engine import Engine, SamplingParams
-from moekit.engine.cuda_graph import BUCKET, GraphKVCache
-from moekit.engine.kv_cache import KVCache
 from moekit.models import MoEDecoder
 
 
@@ -38,41 +36,33 @@ def run(engine, params):
     SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=4, repetition_penalty=1.3),
     SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=(7, 9, 11, 13), min_new_tokens=2),
 ])
-def test_graph_path_matches_eager(params):
+def test_graph_steps_match_eager(params):
     model = tiny()
     eager, graphs = Engine(model, cuda_graph=False), Engine(model, cuda_graph=True)
-    assert eager.graphs is None and graphs.graphs is not None
+    assert graphs.graphs is not None and not graphs.graphs.capture
     assert run(graphs, params) == run(eager, params)
-    assert run(graphs, params) == run(eager, params)  # the second request reuses the cache and step
+    assert graphs.graphs._steps  # decode steps did run through the fixed-shape runner
 
 
-def test_concurrent_streams_get_their_own_cache():
+def test_buckets_pad_rows_onto_the_scratch_block():
+    """3 requests run in the 4-row bucket; later a 5th joins (8-row bucket): results are unchanged."""
     model = tiny()
-    engine = Engine(model, cuda_graph=True)
-    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-    a, b = engine.stream(PROMPTS[:1], params), engine.stream(PROMPTS[:1], params)
-    interleaved = [(next(a), next(b)) for _ in range(4)]
-    assert [x[0].token_id for x, _ in interleaved] == [y[0].token_id for _, y in interleaved]
-    assert len(engine.graphs._steps[(1, BUCKET)]) == 2
-
-
-def test_static_cache_step_equals_eager_cache_step():
-    """One decode step: full-capacity masked attention at a device-side position = the sliced eager cache."""
-    model = tiny()
-    cfg, pad = model.config, torch.tensor([0, 3])
-    ids = torch.randint(5, 60, (2, 6), generator=torch.Generator().manual_seed(0))
-    eager, static = KVCache(cfg, 2, 10, torch.float32, "cpu", pad), GraphKVCache(cfg, 2, 10, torch.float32, "cpu", pad)
-    with torch.inference_mode():
-        model(ids, cache=eager)
-        model(ids, cache=static)
-        assert int(static.length_t) == static.length == 6
-        static.static = True
-        nxt = torch.tensor([[8], [9]])
-        want, got = model(nxt, cache=eager), model(nxt, cache=static)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert int(static.length_t) == static.length == 7
-    with pytest.raises(RuntimeError, match="keeps every row"):
-        static.keep([0])
+    engine = Engine(model, cuda_graph=True, max_num_seqs=8)
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in PROMPTS]
+    got = {i: [] for i in ids}
+    for step in range(40):
+        if step == 2:
+            extra = [engine.add_request(p, params) for p in ([9, 9, 1], [3])]
+            got.update({i: [] for i in extra})
+        for ev in engine.step():
+            got[ev.index].append(ev.token_id)
+        if not engine.has_unfinished():
+            break
+    assert set(engine.graphs._steps) >= {4, 8}
+    want = Engine(model, cuda_graph=False).generate(PROMPTS + [[9, 9, 1], [3]], params)
+    assert [got[i] for i in ids + extra] == [c.token_ids for c in want]
+    assert engine.pool.in_use() == 0
 
 
 def test_dynamic_rope_stays_eager():
