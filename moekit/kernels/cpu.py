@@ -267,12 +267,12 @@ class CpuKernels:
         """Attention over a paged KV cache (see :func:`moekit.kernels.reference.paged_attention`): a row
         kernel reading the cache in place for requests with a few new tokens, flash for longer chunks."""
         A = q_NHA.shape[-1]
-        why = (_unfit(q_NHA, k_PGCA, v_PGCA) or (None if A % 16 == 0 else f"head width {A} is not a multiple of 16")
-               or (None if all(t.device.type == "cpu" for t in (table_RM, starts_R1, lens_R)) else "index tensors "
-                   "off the CPU") or (None if k_PGCA.stride(-1) == v_PGCA.stride(-1) == 1 else "a strided KV pool"))
+        unfit = ((A % 16, f"head width {A} is not a multiple of 16"),
+                 (k_PGCA.stride(-1) != 1 or v_PGCA.stride(-1) != 1, "a KV pool without contiguous rows"))
+        why = _unfit(q_NHA, k_PGCA, v_PGCA) or next((w for bad, w in unfit if bad), None)
         if why:
             return self._fallback("paged_attention", why)(q_NHA, k_PGCA, v_PGCA, table_RM, starts_R1, lens_R, scale)
-        ints = [t.to(torch.int32).contiguous() for t in (table_RM, starts_R1, lens_R)]
+        ints = [t.to("cpu", torch.int32).contiguous() for t in (table_RM, starts_R1, lens_R)]
         q = q_NHA if q_NHA.stride(-1) == 1 else q_NHA.contiguous()
         return self.ext.paged_attention(q, k_PGCA, v_PGCA, *ints, A ** -0.5 if scale is None else scale)
 

@@ -171,7 +171,7 @@ torch::Tensor paged_impl(const torch::Tensor& q, const torch::Tensor& k, const t
       A* orow = O + ((st[r] + it.t0) * H + it.h) * Dh;
       if (n <= ROW_MAX) {  // query t sits at position S - n + t
         for (int64_t t = 0; t < n; ++t)
-          paged_row(qr + t * qn, orow + t * H * Dh, kv, r, g, S - n + t + 2, Dh, scale, qf.data(), s.data());
+          paged_row(qr + t * qn, orow + t * H * Dh, kv, r, g, S - n + t + 1, Dh, scale, qf.data(), s.data());
         continue;
       }
       const int64_t f = (first[r] + g * ((S + KB - 1) / KB)) * block;
