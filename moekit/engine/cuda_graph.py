@@ -35,7 +35,7 @@ class _Step:
     """The static tensors, batch view and (on CUDA) captured graph of one bucket."""
 
     def __init__(self, engine, rows: int, width: int):
-        dev, cfg = engine.device, engine.model.config
+        dev = engine.device
         self.ids_1B = torch.zeros(1, rows, dtype=torch.long, device=dev)
         self.pos_B = torch.zeros(rows, dtype=torch.long, device=dev)
         self.slots_B = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -44,7 +44,7 @@ class _Step:
         self.at_B = torch.arange(rows, device=dev)
         starts = torch.arange(rows + 1, dtype=torch.int32, device=dev)
         self.batch = PagedBatch(engine.kv, self.pos_B, self.slots_B, self.table_BM, starts, self.lens_B,
-                                cfg.max_position_embeddings)
+                                width * engine.pool.block_size)  # every position a full-width table can hold
         self.model, self.graph, self.logits_BV = engine.model, None, None
 
     def forward(self) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.engine.blocks import BlockPool
+from moekit.engine.cuda_graph import GraphRunner, applies
 from moekit.engine.kv_cache import PagedBatch, PagedKVCache
 from moekit.engine.sampling import SamplingParams, draw_key, sample, top_logprobs
 from moekit.engine.scheduler import FINISHED, Request, Scheduled, Scheduler
@@ -90,8 +91,6 @@ class Engine:
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens, chunked_prefill=not dynamic)
         self.governor = ThreadGovernor() if adapt_threads and self.device.type == "cpu" else None
         self._governing = False
-        from moekit.engine.cuda_graph import GraphRunner, applies
-
         use_graphs = (self.device.type == "cuda" if cuda_graph is None else cuda_graph) and applies(model)
         self.graphs = GraphRunner(self, capture=self.device.type == "cuda") if use_graphs else None
         if eos_token_ids is None:
