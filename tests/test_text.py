@@ -66,6 +66,8 @@ def test_generate_mirrors_transformers(lm):
     assert two[0, -4:].tolist() == single[0, -4:].tolist()  # left padding does not change row 0's tokens
     with pytest.raises(TypeError, match="unsupported arguments: num_beams"):
         lm.generate(inputs, num_beams=4)
+    unpadded = lm.generate(**batch, max_new_tokens=3, eos_token_id=[])  # no eos, no pad id: pads with 0
+    assert unpadded.shape == (2, batch["input_ids"].shape[1] + 3)
 
 
 def test_chat_returns_text_and_streams_the_same(lm):

@@ -138,7 +138,8 @@ class CausalLM:
                                 repetition_penalty=repetition_penalty, stop_token_ids=eos, ignore_eos=True,
                                 seed=seed)
         outs = self.engine.generate(prompts, params)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else self.engine.pad_id)
+        cfg_pad = self.model.config.pad_token_id
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else cfg_pad if cfg_pad is not None else 0)
         width = max(len(o.token_ids) for o in outs)
         gen = torch.full((len(outs), width), pad, dtype=torch.long)
         for b, o in enumerate(outs):
