@@ -73,7 +73,8 @@ class MoEDecoder(nn.Module):
         if cache is not None:
             cache.prepare(T)
         x_BTD = self.embed(input_ids_BT)
-        seq_BT = cache.sequence_lengths() if cache is not None and hasattr(cache, "sequence_lengths") else None
+        dynamic = self.rotary.scaling is not None and self.rotary.scaling.kind == "dynamic"
+        seq_BT = cache.sequence_lengths() if dynamic and hasattr(cache, "sequence_lengths") else None
         cos, sin = self.rotary(positions_BT, x_BTD.dtype, limit, seq_BT)
         for block in self.layers:
             x_BTD = block(x_BTD, cos, sin, cache)
