@@ -156,9 +156,12 @@ def test_chat_with_stdin_closed(text_checkpoint):
 
 
 def test_ctrl_c_during_generation_exits_130_without_a_traceback():
+    # a terminal delivers SIGINT; a shell's background job (e.g. CI started with &) inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler: give the child the terminal's default
     proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "generate", "--prompt", "In the beginning",
                              "--stream", "--ignore-eos", "--max-new-tokens", "1000", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.read(1)  # generating
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
