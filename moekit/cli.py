@@ -211,6 +211,47 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(gen.generate([ids], params)[0].text)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """The OpenAI-compatible server and the web chat page (moekit/server/), until SIGTERM or Ctrl-C."""
+    import time
+
+    import torch
+    import uvicorn
+
+    from moekit.engine import AsyncEngine, CausalLM, Engine
+    from moekit.server import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or _default_model()
+    if not Path(model).is_dir():
+        raise UsageError(f"--model {model!r}: no such checkpoint folder")
+    t0 = time.perf_counter()
+    lm = CausalLM.from_pretrained(model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
+                                  progress=True)
+    cfg = lm.model.config
+    if args.max_model_len is not None:
+        if args.max_model_len > cfg.max_position_embeddings:
+            raise UsageError(f"--max-model-len {args.max_model_len}: the model's context is {cfg.max_position_embeddings}")
+        lm.model.config = cfg.replace(max_position_embeddings=args.max_model_len)
+    kv = None if args.kv_memory is None else int(args.kv_memory * 2**30)
+    lm.engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv)
+    name = args.served_model_name or ("moekit-default" if not args.model else Path(model).name)
+    engine = AsyncEngine(lm.engine)
+    app = create_app(lm, engine, name, api_key=args.api_key)
+    pool = lm.engine.pool
+    print(f"loaded {model} ({cfg.family}, {lm.model.embed.weight.dtype}) in {time.perf_counter() - t0:.1f} s; "
+          f"{lm.model.kernels.describe()[0]}; KV pool {pool.num_blocks - 1} blocks of {pool.block_size} tokens; "
+          f"serving {name!r} on http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1)", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    try:
+        server.run()  # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (10 s), then return
+    finally:
+        engine.shutdown()
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """Multi-turn chat. Past replies keep the ids the model produced (``token_ids`` on the assistant
     message), so a per-piece format such as XVERSE's puts exactly those ids in the next prompt; their
@@ -335,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
     _model_flags(chat)
     chat.set_defaults(func=cmd_chat)
+    sv = sub.add_parser("serve", help="OpenAI-compatible server and web chat page")
+    sv.add_argument("--model", help="checkpoint folder (default: the embedded demo model)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 and the tokenizer endpoints")
+    sv.add_argument("--served-model-name", help="the model id clients ask for (default: the folder's name)")
+    sv.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests running at once")
+    sv.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="tokens per engine step")
+    sv.add_argument("--kv-memory", type=float, help="KV-cache pool in GiB (default: 1/4 of RAM at most)")
+    sv.add_argument("--max-model-len", type=_positive_int, help="context length to serve (<= the model's)")
+    sv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
+    sv.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
+    sv.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    sv.add_argument("--chat-format", help="override the checkpoint's chat format")
+    sv.set_defaults(func=cmd_serve)
+
     tr = sub.add_parser("train", help="pretrain, continue pretraining or fine-tune from a YAML run file")
     tr.add_argument("config", help="run file (see recipes/)")
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

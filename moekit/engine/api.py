@@ -41,10 +41,22 @@ class CausalLM:
         for v in (model.config.eos_token_id, self.generation_config.get("eos_token_id"),
                   tokenizer.eos_token_id if tokenizer else None):
             eos |= set(v) if isinstance(v, (list, tuple)) else {v} if v is not None else set()
-        self.engine = Engine(model, eos_token_ids=sorted(eos))
+        self.eos_token_ids = sorted(eos)
+        self._engine: Engine | None = None
         self._chat_format_name = chat_format
         self._chat_format: ChatFormat | None = None
         self._clamp_noted = False
+
+    @property
+    def engine(self) -> Engine:
+        """The engine behind generate / chat (built on first use; assign one to choose its knobs)."""
+        if self._engine is None:
+            self._engine = Engine(self.model, eos_token_ids=self.eos_token_ids)
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device: str = "cpu", kernels: str = "auto",

@@ -34,6 +34,10 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _queues and the ids handed out
         self.error: BaseException | None = None
 
+    def alive(self) -> bool:
+        """False once the worker has died (it starts with the first request) or was shut down."""
+        return not self._stop and (self._thread is None or self._thread.is_alive())
+
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="moekit-engine", daemon=True)

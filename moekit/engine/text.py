@@ -35,7 +35,9 @@ class TextCompletion:
     stop_reason: str | int | None = None
 
 
-class _Row:
+class TextRow:
+    """One request's text: incremental decoding, stop strings, text held back while a stop may follow."""
+
     def __init__(self, tok: Tokenizer, params: SamplingParams):
         self.decoder = IncrementalDecoder(tok)
         self.stops, self.text, self.sent = params.stop, "", 0
@@ -77,7 +79,7 @@ class TextGenerator:
 
     def stream(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> Iterator[TextEvent]:
         prompts, params = self.engine._check(prompts, params)
-        rows = [_Row(self.tokenizer, sp) for sp in params]
+        rows = [TextRow(self.tokenizer, sp) for sp in params]
         steps = self.engine.stream(prompts, params)
         try:
             yield from self._events(steps, rows)
