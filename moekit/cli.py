@@ -246,6 +246,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"serving {name!r} on http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1)", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
+    import signal
+
+    # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM handler of ours makes that a
+    # return (exit status 0) rather than a kill by the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()  # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (10 s), then return
     finally:
