@@ -195,9 +195,11 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         if body.top_logprobs is not None:
             check_logprobs(body.top_logprobs, "top_logprobs", MAX_TOP_LOGPROBS)
         prompt = chat_ids(body.text_messages(), body.add_generation_prompt)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        newer = body.max_completion_tokens is not None
+        max_tokens = body.max_completion_tokens if newer else body.max_tokens
         lp = (body.top_logprobs or 0) if body.logprobs else None
-        params = [sampling_params(lm, body, len(prompt), max_tokens, logprobs=lp, seed_offset=i)
+        params = [sampling_params(lm, body, len(prompt), max_tokens, logprobs=lp, seed_offset=i,
+                                  max_param="max_completion_tokens" if newer else "max_tokens")
                   for i in range(body.n)]
         admit(body.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -121,14 +121,16 @@ def check_n(n: int) -> None:
 
 
 def sampling_params(lm, body: _Body, prompt_tokens: int, max_tokens: int | None, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, seed_offset: int = 0) -> SamplingParams:
+                    prompt_logprobs: int | None = None, seed_offset: int = 0,
+                    max_param: str = "max_tokens") -> SamplingParams:
     """SamplingParams for one choice: generation_config.json defaults (as vLLM applies them), the request's
-    values over them; ``max_tokens`` None = the room the context leaves."""
+    values over them; ``max_tokens`` None = the room the context leaves. ``max_param``: the field that gave
+    ``max_tokens`` (chat's max_completion_tokens or max_tokens), for error messages."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not s for s in stop):
         raise RequestError("stop: stop strings must be non-empty", "stop")
     if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"max_tokens={max_tokens} is invalid: must be >= 1", "max_tokens")
+        raise RequestError(f"{max_param}={max_tokens} is invalid: must be >= 1", max_param)
     room = lm.model.config.max_position_embeddings - prompt_tokens
     if lm.model.config.rope_scaling is None:
         if room < 1:
@@ -136,9 +138,9 @@ def sampling_params(lm, body: _Body, prompt_tokens: int, max_tokens: int | None,
                                f"{lm.model.config.max_position_embeddings}", "messages" if hasattr(body, "messages")
                                else "prompt", code="context_length_exceeded")
         if max_tokens is not None and max_tokens > room:
-            raise RequestError(f"max_tokens={max_tokens} is too large: the prompt has {prompt_tokens} tokens and the "
+            raise RequestError(f"{max_param}={max_tokens} is too large: the prompt has {prompt_tokens} tokens and the "
                                f"model's context is {lm.model.config.max_position_embeddings} (at most {room})",
-                               "max_tokens", code="context_length_exceeded")
+                               max_param, code="context_length_exceeded")
     kw = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
               min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
               frequency_penalty=body.frequency_penalty, stop=tuple(stop), ignore_eos=body.ignore_eos,
