@@ -40,6 +40,11 @@ class ClientGone(Exception):
     pass
 
 
+def _is_type_tag(part: str) -> bool:
+    """Whether a pydantic error location part names a union member's type (our fields are lowercase names)."""
+    return part in ("str", "int", "float", "bool", "dict", "list") or "[" in part or part[:1].isupper()
+
+
 def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = None, max_waiting: int = 512,
                max_body_bytes: int = 8 << 20) -> FastAPI:
     """The app for ``lm`` (a :class:`~moekit.engine.CausalLM`) served by ``engine`` as ``model_name``."""
@@ -96,13 +101,25 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         try:
             body = model_cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-            raise RequestError(f"{param or 'body'}: {err['msg']}", param or None) from None
+            raise validation_error(e) from None
         if body.model is not None and body.model != model_name:
             raise RequestError(f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                                "model", 404, code="model_not_found")
         return body
+
+    def validation_error(e: ValidationError) -> RequestError:
+        """The first problem, named by its field. A value that fits none of a union's types fails once per
+        type, pydantic adding the type's tag to the location (('prompt', 'str'), ('prompt', 'list[int]', 1)):
+        the field is named without the tag, with what each type wanted."""
+        errors = e.errors()
+        loc, msg = list(errors[0]["loc"]), errors[0]["msg"]
+        tag = next((k for k, p in enumerate(loc) if isinstance(p, str) and _is_type_tag(p)), None)
+        if tag is not None:
+            loc = loc[:tag]
+            wanted = dict.fromkeys(err["msg"] for err in errors if list(err["loc"][:tag]) == loc)
+            msg = f"fits none of the accepted types ({'; '.join(wanted)})"
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        return RequestError(f"{param or 'body'}: {msg}", param or None)
 
     def admit(n: int) -> None:
         waiting = len(engine.engine.scheduler.waiting)
