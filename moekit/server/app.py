@@ -193,6 +193,21 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         check_ids(body.tokens, "tokens")
         return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
 
+    def check_fits(ids: list[int], params, prompt_param: str, max_param: str = "max_tokens") -> None:
+        """The engine's own limits (the KV pool's size among them), checked before anything is admitted: once
+        the response has begun, a refusal could only be a 500 or a cut stream."""
+        pool = engine.engine.pool
+        need = -(-(len(ids) + params.max_new_tokens) // pool.block_size)
+        if need > pool.num_blocks - 1:
+            alone = -(-(len(ids) + 1) // pool.block_size) > pool.num_blocks - 1
+            raise RequestError(f"{len(ids)} prompt tokens + {max_param}={params.max_new_tokens} need {need} KV-cache "
+                               f"blocks of {pool.block_size} tokens; the server's KV cache has {pool.num_blocks - 1}",
+                               prompt_param if alone else max_param, code="context_length_exceeded")
+        try:
+            engine.engine.check_request(ids, params)
+        except MoekitError as e:
+            raise RequestError(str(e), prompt_param) from None
+
     def check_ids(ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if bad:
@@ -212,12 +227,12 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         if body.top_logprobs is not None:
             check_logprobs(body.top_logprobs, "top_logprobs", MAX_TOP_LOGPROBS)
         prompt = chat_ids(body.text_messages(), body.add_generation_prompt)
-        newer = body.max_completion_tokens is not None
-        max_tokens = body.max_completion_tokens if newer else body.max_tokens
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(body, max_param)
         lp = (body.top_logprobs or 0) if body.logprobs else None
-        params = [sampling_params(lm, body, len(prompt), max_tokens, logprobs=lp, seed_offset=i,
-                                  max_param="max_completion_tokens" if newer else "max_tokens")
+        params = [sampling_params(lm, body, len(prompt), max_tokens, logprobs=lp, seed_offset=i, max_param=max_param)
                   for i in range(body.n)]
+        check_fits(prompt, params[0], "messages", max_param)
         admit(body.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         gens = [pieces(engine, tok, metrics, prompt, p, body.priority, body.skip_special_tokens) for p in params]
@@ -270,6 +285,7 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
                 jobs.append((i, ids, sampling_params(
                     lm, body, len(ids), 1 if score_only else body.max_tokens, logprobs=body.logprobs,
                     prompt_logprobs=body.logprobs if want_prompt_lp else None, seed_offset=j), text))
+            check_fits(ids, jobs[-1][2], "prompt")
         admit(len(jobs))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         gens = [pieces(engine, tok, metrics, ids, p, body.priority, body.skip_special_tokens)
