@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moekit.engine import AsyncEngine
@@ -121,13 +122,27 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         return RequestError(f"{param or 'body'}: {msg}", param or None)
 
-    def admit(n: int) -> None:
-        waiting = len(engine.engine.scheduler.waiting)
+    admitted = [0]  # choices of responses not yet over; the engine learns of them only once they start
+
+    def admit(n: int):
+        """Admit n choices or refuse (429 when too many wait); returns the release to call once the response
+        is over. Waiting = admitted less running: the scheduler's own queue misses requests admitted and not
+        yet handed to the engine's worker, so a burst would pass a limit that only counted it."""
+        sched = engine.engine.scheduler
+        waiting = max(len(sched.waiting), admitted[0] - len(sched.running))
         if engine.error is not None or not engine.alive():
             raise RequestError("the engine has stopped", None, 503, "server_error", "engine_dead")
         if waiting + n > max_waiting:
             raise RequestError(f"the server is busy: {waiting} requests are waiting (limit {max_waiting}); retry later",
                                None, 429, "rate_limit_error", "queue_full")
+        admitted[0] += n
+        held = [n]
+
+        def release():
+            admitted[0] -= held[0]
+            held[0] = 0
+
+        return release
 
     async def until_done(request: Request, coro):
         """Run ``coro``; cancel it (aborting its requests) if the client disconnects first."""
@@ -140,16 +155,26 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
                 task.cancel()
                 raise ClientGone
 
-    def stream(gen, request: Request) -> EventSourceResponse:
+    def stream(gen, request: Request, release) -> EventSourceResponse:
         async def events():
             try:
                 async for chunk in gen:
                     yield {"data": json.dumps(chunk, ensure_ascii=False)}
             except RequestError as e:  # a failure after the stream began: an error event, as vLLM sends
                 yield {"data": json.dumps(e.body())}
+            finally:
+                release()
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(events(), sep="\n", ping=15)
+        # the background task releases a stream whose client left before it started
+        return EventSourceResponse(events(), sep="\n", ping=15, background=BackgroundTask(release))
+
+    async def respond(request: Request, gens, release) -> list:
+        """The choices of a non-streamed response (ClientGone if the client leaves first)."""
+        try:
+            return await until_done(request, asyncio.gather(*(collect(g) for g in gens)))
+        finally:
+            release()
 
     # ---- informational ---------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -233,13 +258,14 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         params = [sampling_params(lm, body, len(prompt), max_tokens, logprobs=lp, seed_offset=i, max_param=max_param)
                   for i in range(body.n)]
         check_fits(prompt, params[0], "messages", max_param)
-        admit(body.n)
+        release = admit(body.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         gens = [pieces(engine, tok, metrics, prompt, p, body.priority, body.skip_special_tokens) for p in params]
         if body.stream:
-            return stream(formats.chat_chunks(rid, now, model_name, merged(gens), len(prompt), body, tok), request)
+            chunks = formats.chat_chunks(rid, now, model_name, merged(gens), len(prompt), body, tok)
+            return stream(chunks, request, release)
         try:
-            choices = await until_done(request, asyncio.gather(*(collect(g) for g in gens)))
+            choices = await respond(request, gens, release)
         except ClientGone:
             return Response(status_code=499)
         return formats.chat_response(rid, now, model_name, choices, len(prompt), body, tok)
@@ -286,14 +312,15 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
                     lm, body, len(ids), 1 if score_only else body.max_tokens, logprobs=body.logprobs,
                     prompt_logprobs=body.logprobs if want_prompt_lp else None, seed_offset=j), text))
             check_fits(ids, jobs[-1][2], "prompt")
-        admit(len(jobs))
+        release = admit(len(jobs))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         gens = [pieces(engine, tok, metrics, ids, p, body.priority, body.skip_special_tokens)
                 for _, ids, p, _ in jobs]
         if body.stream:
-            return stream(formats.completion_chunks(rid, now, model_name, merged(gens), jobs, body, tok), request)
+            chunks = formats.completion_chunks(rid, now, model_name, merged(gens), jobs, body, tok)
+            return stream(chunks, request, release)
         try:
-            choices = await until_done(request, asyncio.gather(*(collect(g) for g in gens)))
+            choices = await respond(request, gens, release)
         except ClientGone:
             return Response(status_code=499)
         return formats.completion_response(rid, now, model_name, choices, jobs, body, tok, score_only)
