@@ -162,6 +162,10 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
                     yield {"data": json.dumps(chunk, ensure_ascii=False)}
             except RequestError as e:  # a failure after the stream began: an error event, as vLLM sends
                 yield {"data": json.dumps(e.body())}
+            except Exception as e:  # the engine failed: the same, rather than a stream that just stops
+                log.exception("internal error in a stream on %s", request.url.path)
+                yield {"data": json.dumps(RequestError(f"internal error: {type(e).__name__}", None, 500,
+                                                       "internal_error").body())}
             finally:
                 release()
             yield {"data": "[DONE]"}
