@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moekit.engine import AsyncEngine
@@ -74,17 +75,34 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         log.exception("internal error on %s", request.url.path)
         return error(RequestError(f"internal error: {type(e).__name__}", None, 500, "internal_error"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        length = request.headers.get("content-length")
+    def refusal(scope) -> RequestError | None:
+        """A body too large by its Content-Length, or a missing API key."""
+        headers, path = Headers(scope=scope), scope["path"]
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return error(RequestError(f"request body of {length} bytes exceeds the limit of {max_body_bytes}",
-                                      None, 413, code="request_too_large"))
-        protected = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
-        if api_key and protected and request.headers.get("authorization") != f"Bearer {api_key}":
-            return error(RequestError("invalid or missing API key (Authorization: Bearer KEY)", None, 401,
-                                      "authentication_error", "invalid_api_key"))
-        return await call_next(request)
+            return RequestError(f"request body of {length} bytes exceeds the limit of {max_body_bytes}",
+                                None, 413, code="request_too_large")
+        protected = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        if api_key and protected and headers.get("authorization") != f"Bearer {api_key}":
+            return RequestError("invalid or missing API key (Authorization: Bearer KEY)", None, 401,
+                                "authentication_error", "invalid_api_key")
+        return None
+
+    class Guard:
+        """:func:`refusal` as plain ASGI middleware: Starlette's ``@app.middleware("http")`` wraps ``receive``
+        so that ``request.is_disconnected()`` never turns true, and a non-streamed request would not be
+        aborted when its client leaves."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            problem = refusal(scope) if scope["type"] == "http" else None
+            if problem is not None:
+                return await error(problem)(scope, receive, send)
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     async def body_of(request: Request, model_cls):
         raw = await request.body()
@@ -153,6 +171,7 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its CancelledError is expected
                 raise ClientGone
 
     def stream(gen, request: Request, release) -> EventSourceResponse:
