@@ -3,7 +3,6 @@ embedded default model, answers what the model gives in-process (text, seeds, lo
 names bad parameters in OpenAI's error JSON, and frees a request's KV blocks when its client goes away."""
 
 import contextlib
-import json
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.engine import AsyncEngine, Engine, SamplingParams
+from moekit.engine import AsyncEngine, Engine
 from moekit.engine.text import TextGenerator
 from moekit.server import create_app
 
@@ -101,7 +100,7 @@ def log_softmax(model, ids: list[int]) -> torch.Tensor:
 
 
 # ---- chat ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_p=0.95, seed=1234)],
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234}],
                          ids=["greedy", "seeded"])
 def test_chat_equals_lm_chat_in_process(served, sampling):
     r = served.client.chat.completions.create(model=MODEL, messages=HI, max_tokens=24, **sampling)
@@ -115,7 +114,7 @@ def test_chat_equals_lm_chat_in_process(served, sampling):
 
 
 def test_chat_stream_concatenates_to_the_whole_answer(served):
-    kw = dict(model=MODEL, messages=HI, max_tokens=20, temperature=0.8, seed=5)
+    kw = {"model": MODEL, "messages": HI, "max_tokens": 20, "temperature": 0.8, "seed": 5}
     whole = served.client.chat.completions.create(**kw)
     chunks = list(served.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -146,22 +145,21 @@ def test_n_choices_use_seed_plus_index(served):
 
 
 def test_stop_strings_cut_the_text(served):
-    kw = dict(model=MODEL, messages=HI[:2], temperature=0)
+    kw = {"model": MODEL, "messages": HI[:2], "temperature": 0}
     full = served.client.chat.completions.create(**kw, max_tokens=40).choices[0].message.content
     words = full.split()
     assert len(words) >= 4, full
     stop = " " + words[2]  # the third word with its space: the text ends before it
     r = served.client.chat.completions.create(**kw, max_tokens=40, stop=[stop, "never appears"])
     assert r.choices[0].message.content == full[:full.index(stop)]
-    assert r.choices[0].finish_reason == "stop" and r.model_extra is not None
-    assert r.choices[0].model_extra["stop_reason"] == stop
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].model_extra["stop_reason"] == stop
     streamed = "".join(c.choices[0].delta.content or "" for c in served.client.chat.completions.create(
         **kw, max_tokens=40, stop=stop, stream=True) if c.choices)
     assert streamed == full[:full.index(stop)]
 
 
 def test_max_tokens_and_max_completion_tokens(served):
-    kw = dict(model=MODEL, messages=HI[:2], temperature=0)
+    kw = {"model": MODEL, "messages": HI[:2], "temperature": 0}
     a = served.client.chat.completions.create(**kw, max_tokens=5)
     b = served.client.chat.completions.create(**kw, max_completion_tokens=5)
     c = served.client.chat.completions.create(**kw, max_tokens=50, max_completion_tokens=5)  # the newer name wins
@@ -198,7 +196,7 @@ def test_chat_logprobs_equal_the_full_recompute(served):
 
 # ---- completions ------------------------------------------------------------------------------------------
 def test_completion_prompts_as_strings_lists_and_token_ids(served):
-    tok, kw = served.ref.tokenizer, dict(model=MODEL, max_tokens=10, temperature=0)
+    tok, kw = served.ref.tokenizer, {"model": MODEL, "max_tokens": 10, "temperature": 0}
     prompts = ["In the beginning", "白日依山尽"]
     want = [served.ref.complete(p, max_new_tokens=10, temperature=0) for p in prompts]
     one = served.client.completions.create(prompt=prompts[0], **kw)
@@ -366,12 +364,12 @@ def test_a_client_leaving_mid_stream_aborts_its_request(served):
             break
     assert served.engine.engine.has_unfinished()  # it was still generating
     stream.close()
-    assert settled(served.engine), "the abandoned request still holds the engine"
+    assert settled(served.engine, timeout=5), "the abandoned request still holds the engine"
     # a non-streamed request whose client times out is aborted too
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{served.url}/v1/completions", timeout=0.5,
                    json={"prompt": "In the beginning", "max_tokens": 900, "ignore_eos": True})
-    assert settled(served.engine)
+    assert settled(served.engine, timeout=5)
     assert served.http.get("/health").status_code == 200
 
 
