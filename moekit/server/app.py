@@ -105,10 +105,12 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
     app.add_middleware(Guard)
 
     async def body_of(request: Request, model_cls):
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise RequestError(f"request body exceeds the limit of {max_body_bytes} bytes", None, 413,
-                               code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():  # a body without Content-Length stops at the limit, not in memory
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise RequestError(f"request body exceeds the limit of {max_body_bytes} bytes", None, 413,
+                                   code="request_too_large")
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
