@@ -217,20 +217,38 @@ def test_unknown_fields_are_accepted_and_ignored(server):
         assert c.status_code == 200, c.text
 
 
-def test_oversized_bodies_are_413(server):
-    _, url = server
+def test_oversized_bodies_are_413(lm):
+    """Over max_body_bytes: 413 from the Content-Length, or, without one, once the limit is read: the app
+    reads a 64 MiB chunked body only up to its 1 MiB limit."""
+    engine = AsyncEngine(Engine(lm.model, eos_token_ids=lm.eos_token_ids))
+    app, received = create_app(lm, engine, MODEL, max_body_bytes=1 << 20), [0]
+
+    async def counted(scope, receive, send):  # the body bytes the app takes in
+        async def tally():
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            return message
+
+        await app(scope, tally, send)
+
     big = json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode()
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with serving(counted) as url, httpx.Client(base_url=url, timeout=60) as client:
         r = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert received[0] == 0  # refused on its Content-Length
 
-        def chunks():  # no Content-Length: the limit holds while reading
-            for k in range(0, len(big), 1 << 16):
-                yield big[k:k + (1 << 16)]
+        block = b" " * (1 << 16)
+
+        def chunks():  # no Content-Length
+            yield b'{"prompt": "'
+            for _ in range(1024):
+                yield block
 
         r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+        assert received[0] <= (1 << 20) + 2 * len(block), received
         assert client.get("/health").status_code == 200
+    engine.shutdown()
 
 
 def test_a_full_queue_is_429(lm):
