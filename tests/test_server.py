@@ -298,6 +298,14 @@ def test_unknown_model_is_not_found(served):
     assert "gpt-17" in e.value.body["message"] and MODEL in e.value.body["message"]
 
 
+def test_unknown_routes_and_methods_answer_in_the_error_shape(served):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("POST", "/v2/completions", 404),
+                                 ("GET", "/v1/chat/completions", 405), ("DELETE", "/v1/models", 405)):
+        r = served.http.request(method, path)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+        assert path in r.json()["error"]["message"]
+
+
 def test_api_key_is_required_when_set(served):
     with serving(create_app(served.lm, served.engine, MODEL, api_key="sesame")) as url:
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
