@@ -152,6 +152,9 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
         waiting = max(len(sched.waiting), admitted[0] - len(sched.running))
         if engine.error is not None or not engine.alive():
             raise RequestError("the engine has stopped", None, 503, "server_error", "engine_dead")
+        if n > max_waiting:  # could never be admitted: not a retry-later
+            raise RequestError(f"the request needs {n} sequences (n x prompts); this server queues at most "
+                               f"{max_waiting}", "n")
         if waiting + n > max_waiting:
             raise RequestError(f"the server is busy: {waiting} requests are waiting (limit {max_waiting}); retry later",
                                None, 429, "rate_limit_error", "queue_full")
