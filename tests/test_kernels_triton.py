@@ -7,8 +7,6 @@ checks patch the reference functions to raise, so a silent fallback cannot pass.
 
 import contextlib
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
@@ -18,31 +16,21 @@ from hypothesis import strategies as st
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the Triton kernels need the triton package (pip install triton)", allow_module_level=True)
 
-GPU = torch.cuda.is_available()
+from tests.tritonenv import GPU, interpreted_triton
+
 # Without a GPU, triton must be imported under TRITON_INTERPRET=1: triton.language's own helpers
 # (tl.sum, ...) and moekit's kernels are both built for the interpreter when decorated.
-_LATE = not GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-_saved = os.environ.get("TRITON_INTERPRET")
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import moekit.kernels.triton as tk
-    from moekit.kernels.triton import align as align_mod
-    from moekit.kernels.triton import routing
-    from moekit.kernels.triton.interpret import numpy_compat
-    from moekit.kernels.triton.moe import fused_moe
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
-from moekit.kernels import get_backend, reference  # noqa: E402
+tk = interpreted_triton()
+if tk is None:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set, so it cannot run on the CPU in this "
+                "session (run this file on its own)", allow_module_level=True)
+from moekit.kernels import get_backend, reference
+from moekit.kernels.triton import align as align_mod
+from moekit.kernels.triton import routing
+from moekit.kernels.triton.interpret import numpy_compat
+from moekit.kernels.triton.moe import fused_moe
 
 DEV = "cuda" if GPU else "cpu"
-pytestmark = pytest.mark.skipif(_LATE or not (GPU or tk.INTERPRETED),
-                                reason="triton was imported before TRITON_INTERPRET=1 could be set, so it cannot run "
-                                       "on the CPU in this session (run this file on its own)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -166,7 +154,7 @@ def moe_case(T, D, F, E, K, Fs, gated, dtype, skew=False):
 
 
 def truth_of(x, w13, w2, ids, w, shared):
-    d = lambda t: None if t is None else t.double()  # noqa: E731
+    d = lambda t: None if t is None else t.double()
     sh = None if shared is None else tuple(d(t) for t in shared)
     return reference.moe_experts(d(x), d(w13), d(w2), ids, w.double(), sh)
 

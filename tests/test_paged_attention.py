@@ -8,34 +8,16 @@ tiny shapes) without a GPU, as in test_kernels_triton.py.
 """
 
 import contextlib
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
 from moekit.kernels import cpu, reference
+from tests.tritonenv import GPU, interpreted_triton
 
-GPU = torch.cuda.is_available()
-tk = None
-if importlib.util.find_spec("triton") is not None:
-    # triton imported earlier without the interpreter cannot run on the CPU (an interpreted moekit import is fine)
-    _LATE = (not GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-             and "moekit.kernels.triton" not in sys.modules)
-    _saved = os.environ.get("TRITON_INTERPRET")
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. at import
-    try:
-        import moekit.kernels.triton as tk
-        from moekit.kernels.triton.interpret import numpy_compat
-    finally:
-        if _saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
-    if _LATE or not (GPU or tk.INTERPRETED):
-        tk = None
+tk = interpreted_triton()
+if tk is not None:
+    from moekit.kernels.triton.interpret import numpy_compat
 
 needs_cpp = pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need an x86-64 CPU with AVX-512")
 needs_triton = pytest.mark.skipif(tk is None, reason="needs triton, imported under TRITON_INTERPRET=1 without a GPU "
