@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +42,6 @@ class EngineStats:
     preemptions: int = 0
     peak_blocks: int = 0  # most blocks referenced at once
     peak_inflight_tokens: int = 0  # most tokens with keys/values in the cache at once (summed over requests)
-    history: list = field(default_factory=list, repr=False)
 
 
 def _memory_bytes(device: torch.device) -> int:

@@ -54,7 +54,7 @@ def create_app(lm, engine: AsyncEngine, model_name: str, api_key: str | None = N
 
     app = FastAPI(title="moekit", version=__version__, docs_url=None, redoc_url=None)
     tok, cfg = lm.tokenizer, lm.model.config
-    metrics = Metrics(engine, model_name)
+    metrics = Metrics(engine)
     created = int(time.time())
     app.state.engine, app.state.metrics = engine, metrics
 

@@ -18,10 +18,9 @@ from moekit.tokenizer import Tokenizer
 class Metrics:
     """The server's Prometheus metrics (one registry per app, so tests can build several)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine):
         self.registry = r = CollectorRegistry()
         sched, pool = engine.engine.scheduler, engine.engine.pool
-        labels = {"model_name": model_name}
         Gauge("moekit:num_requests_running", "Requests in the running batch", registry=r).set_function(
             lambda: len(sched.running))
         Gauge("moekit:num_requests_waiting", "Requests waiting to be scheduled", registry=r).set_function(
@@ -41,7 +40,6 @@ class Metrics:
                               registry=r)
         self.itl = Histogram("moekit:inter_token_latency_seconds", "Time between a request's tokens",
                              buckets=buckets, registry=r)
-        self.labels = labels
 
 
 @dataclass
