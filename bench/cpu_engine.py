@@ -28,15 +28,12 @@ Both KV pools get the same budget (``--kv-gib``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import math
 import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +41,9 @@ import torch
 
 # bench/ is on sys.path (this script's folder); cpu_generate puts the repo root there too
 from cpu_generate import SHAPES, write_checkpoint
+from hf_continuous import load_transformers, serve_transformers
 from legacy_fixed_batch import fixed_batch_steps
-from tqdm import tqdm
+from serving_trace import Trace, Workload, make_workload, new_trace, progress, warmup_prompts
 
 import moekit
 from moekit.engine import Engine, EngineStats, SamplingParams
@@ -58,61 +56,6 @@ SMALL = dict(SHAPES["mixtral"], vocab_size=512, hidden_size=128, num_hidden_laye
 TARGETS = {"throughput_vs_hf": 2.0, "streams_vs_single": 3.0, "kv_vs_inflight": 1.2}
 
 
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    max_new: list[int]
-    arrivals: list[float]  # seconds after the run starts
-    vocab: int
-
-
-def make_workload(n: int, rate: float, seed: int, vocab: int, prompt_range=(32, 2048), output_range=(16, 256)
-                  ) -> Workload:
-    rng = random.Random(seed)
-    lo, hi = map(math.log, prompt_range)
-    lens = [round(math.exp(rng.uniform(lo, hi))) for _ in range(n)]
-    prompts = [[rng.randrange(3, vocab) for _ in range(k)] for k in lens]
-    max_new = [rng.randint(*output_range) for _ in range(n)]
-    t, arrivals = 0.0, []
-    for _ in range(n):
-        arrivals.append(t)  # the first request arrives at 0
-        t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
-    return Workload(prompts, max_new, arrivals, vocab)
-
-
-@dataclass
-class Trace:
-    """What one contender did: per request, each token's id and time (seconds after the run started)."""
-
-    name: str
-    arrivals: list[float]
-    times: list[list[float]]
-    tokens: list[list[int]]
-    wall: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def metrics(self) -> dict:
-        ttft = [t[0] - a for t, a in zip(self.times, self.arrivals)]
-        itl = [b - a for t in self.times for a, b in itertools.pairwise(t)]
-        n_out = sum(map(len, self.tokens))
-        makespan = max(t[-1] for t in self.times) - min(self.arrivals)
-        pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")
-        return {"output_tokens": n_out, "makespan_s": makespan, "output_tok_s": n_out / makespan,
-                "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-                "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99), "wall_s": self.wall,
-                **self.extra}
-
-
-def _new_trace(name: str, wl: Workload) -> Trace:
-    n = len(wl.prompts)
-    return Trace(name, list(wl.arrivals), [[] for _ in range(n)], [[] for _ in range(n)])
-
-
-def _bar(name: str, wl: Workload, unit: str = "tok"):
-    total = sum(wl.max_new) if unit == "tok" else len(wl.prompts)
-    return tqdm(total=total, desc=name, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-
-
 # ---- 1. moekit's continuous-batching engine -------------------------------------------------------------
 def new_engine(model, args) -> Engine:
     return Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -123,19 +66,11 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
 
 
-def warmup_prompts(wl: Workload) -> list[list[int]]:
-    """Prompts for a few untimed requests (first calls of ops at new shapes are slow): random tokens of their
-    own, so that no prefix cache meets the workload's prompts in them."""
-    rng = random.Random(-1)
-    lens = sorted(map(len, wl.prompts))
-    return [[rng.randrange(3, wl.vocab) for _ in range(k)] for k in (16, lens[len(lens) // 2], min(lens[-1], 1200))]
-
-
 def serve_moekit(engine: Engine, wl: Workload) -> Trace:
     """Serve ``wl`` with a warmed-up ``engine`` (its stats are reset: they describe this run only)."""
     engine.stats = EngineStats()
-    tr, n, nxt = _new_trace("moekit Engine", wl), len(wl.prompts), 0
-    with _bar(tr.name, wl) as bar:
+    tr, n, nxt = new_trace("moekit Engine", wl), len(wl.prompts), 0
+    with progress(tr.name, wl) as bar:
         t0 = time.perf_counter()
         while nxt < n or engine.has_unfinished():
             now = time.perf_counter() - t0
@@ -187,79 +122,6 @@ def decode_rates(engine: Engine, args, rounds: int = 2) -> dict:
     return {"single_stream_tok_s": single, "streams": args.streams, "streams_tok_s": many, "ratio": many / single}
 
 
-# ---- 2. transformers continuous batching -----------------------------------------------------------------
-def load_transformers(folder: Path, args):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, attn_implementation=args.hf_attn,
-        experts_implementation=args.hf_experts).eval()
-
-
-def serve_transformers(model, wl: Workload, args, notes: list[str]) -> Trace:
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-    from transformers.utils import is_psutil_available
-
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    token_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
-    page = 256  # ContinuousBatchingConfig's default page_size
-    # On a CPU transformers sizes its cache from psutil's RSS and RAM (60% of what is free), or without psutil
-    # from the NUMA node's whole size, and allocates it zeroed: num_blocks gives it the same budget as moekit.
-    cb = ContinuousBatchingConfig(num_blocks=int(args.kv_gib * 2**30) // (page * token_bytes),
-                                  max_batch_tokens=args.hf_max_batch_tokens or args.max_num_batched_tokens,
-                                  max_requests_per_batch=args.max_num_seqs)
-    if not is_psutil_available():
-        notes.append("psutil is not installed: transformers CB then logs 'Cannot get memory breakdown on CPU without "
-                     "psutil: please install psutil.' and counts the whole NUMA node as free (left to size its cache "
-                     "itself it would take 60% of it, zeroed; where the node's size cannot be read it fails with "
-                     "'MemoryError: Memory footprint ... is more than available memory 0'). num_blocks was set here.")
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max(wl.max_new), eos_token_id=-1, pad_token_id=0)
-    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
-    mgr.start()
-    status = mgr.background_thread_status
-
-    def result(timeout: float):
-        r = mgr.get_result(timeout=timeout)
-        if status.fatal_error is not None:
-            raise RuntimeError(f"transformers CB failed: {status.fatal_error!r}")
-        if r is not None and r.error is not None:
-            raise RuntimeError(f"transformers CB request {r.request_id} failed: {r.error}")
-        return r
-
-    tr, n, nxt, done = _new_trace("transformers CB", wl), len(wl.prompts), 0, 0
-    try:
-        warm = {f"warmup{k}" for k in range(3)}
-        for rid, p in zip(sorted(warm), warmup_prompts(wl)):
-            mgr.add_request(p, request_id=rid, max_new_tokens=4, eos_token_id=-1)
-        while warm:
-            if (r := result(1.0)) is not None and r.is_finished():
-                warm.discard(r.request_id)
-        kv_alloc = mgr.batch_processor.cache.cache_tensor.numel()
-        with _bar(tr.name, wl, unit="req") as bar:
-            t0 = time.perf_counter()
-            while done < n:
-                now = time.perf_counter() - t0
-                while nxt < n and wl.arrivals[nxt] <= now:
-                    mgr.add_request(wl.prompts[nxt], request_id=str(nxt), max_new_tokens=wl.max_new[nxt],
-                                    record_timestamps=True, eos_token_id=-1)
-                    nxt += 1
-                wait = wl.arrivals[nxt] - now if nxt < n else 1.0
-                r = result(min(max(wait, 1e-3), 1.0))
-                if r is None or not r.is_finished():
-                    continue
-                i = int(r.request_id)
-                tr.tokens[i], tr.times[i] = list(r.generated_tokens), [s - t0 for s in r.timestamps]
-                done += 1
-                bar.update(1)
-            tr.wall = time.perf_counter() - t0
-    finally:
-        mgr.stop(block=True, timeout=60)
-    tr.extra = {"kv_pool_bytes": kv_alloc, "attn_implementation": model.config._attn_implementation,
-                "experts_implementation": args.hf_experts, "max_batch_tokens": cb.max_batch_tokens}
-    return tr
-
-
 # ---- 3. the fixed-batch engine of 728f105 ----------------------------------------------------------------
 def kv_token_bytes(model) -> int:
     """Keys + values of one token, every layer."""
@@ -274,9 +136,9 @@ def serve_fixed(model, wl: Workload, args) -> Trace:
         gov.start()
     list(fixed_batch_steps(model, warmup_prompts(wl), [4] * 3, tick))  # warm-up
     token_bytes = kv_token_bytes(model)
-    tr, n, served = _new_trace("fixed batch (728f105)", wl), len(wl.prompts), 0
+    tr, n, served = new_trace("fixed batch (728f105)", wl), len(wl.prompts), 0
     peak_kv = peak_need = 0
-    with _bar(tr.name, wl) as bar:
+    with progress(tr.name, wl) as bar:
         t0 = time.perf_counter()
         while served < n:
             now = time.perf_counter() - t0
