@@ -216,10 +216,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import time
 
     import torch
-    import uvicorn
 
-    from moekit.engine import AsyncEngine, CausalLM, Engine
-    from moekit.server import create_app
+    from moekit.engine import CausalLM
+    from moekit.server.launch import serve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,32 +228,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     lm = CausalLM.from_pretrained(model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
                                   progress=True)
-    cfg = lm.model.config
-    if args.max_model_len is not None:
-        if args.max_model_len > cfg.max_position_embeddings:
-            raise UsageError(f"--max-model-len {args.max_model_len}: the model's context is {cfg.max_position_embeddings}")
-        lm.model.config = cfg.replace(max_position_embeddings=args.max_model_len)
-    kv = None if args.kv_memory is None else int(args.kv_memory * 2**30)
-    lm.engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv)
-    name = args.served_model_name or ("moekit-default" if not args.model else Path(model).name)
-    engine = AsyncEngine(lm.engine)
-    app = create_app(lm, engine, name, api_key=args.api_key)
-    pool = lm.engine.pool
-    print(f"loaded {model} ({cfg.family}, {lm.model.embed.weight.dtype}) in {time.perf_counter() - t0:.1f} s; "
-          f"{lm.model.kernels.describe()[0]}; KV pool {pool.num_blocks - 1} blocks of {pool.block_size} tokens; "
-          f"serving {name!r} on http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1)", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
-    import signal
-
-    # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM handler of ours makes that a
-    # return (exit status 0) rather than a kill by the signal
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        server.run()  # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (10 s), then return
-    finally:
-        engine.shutdown()
+    print(f"loaded {model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    serve(lm, args.served_model_name or ("moekit-default" if not args.model else Path(model).name), args.host,
+          args.port, args.api_key, args.max_num_seqs, args.max_num_batched_tokens,
+          None if args.kv_memory is None else int(args.kv_memory * 2**30), args.max_model_len)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
