@@ -1,89 +1,23 @@
-"""Continuous batching under random arrivals, aborts and preemptions: no block leaks, no keys/values
-crossing between requests, first come first served within a priority, and always an end.
+"""Continuous batching under random arrivals, aborts and preemptions, at the level of the :class:`Scheduler`
+and :class:`BlockPool` alone, driven by a simulated executor (fast, many examples): no block leaks, no
+keys/values crossing between requests, first come first served within a priority, and always an end.
 
-Two layers:
-
-- the :class:`Scheduler` and :class:`BlockPool` alone, driven by a simulated executor (fast, many
-  examples). Its "KV cache" records, for every slot, the whole token prefix it was computed from
-  (real keys/values depend on every earlier token), and a request's fake next token is a hash of
-  what it reads back through its block table, so a crossed or stale slot changes its output;
-- the real :class:`Engine` on a tiny model (few examples): every request's tokens (greedy or
-  seeded), finish reason and prompt logprobs equal the same request run alone on a fresh engine.
+The simulated "KV cache" records, for every slot, the whole token prefix it was computed from (real
+keys/values depend on every earlier token), and a request's fake next token is a hash of what it reads
+back through its block table, so a crossed or stale slot changes its output. The same schedules on the
+real engine: tests/test_engine_properties.py.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
 
-import pytest
-import torch
 from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
-import moekit
-from moekit.engine import Engine, SamplingParams
 from moekit.engine.blocks import BlockPool, block_hash
-from moekit.engine.kv_cache import PagedKVCache
 from moekit.engine.scheduler import FINISHED, RUNNING, WAITING, Request, Scheduler
-
-
-def blocks_for(tokens: int, C: int) -> int:
-    return -(-tokens // C)
-
-
-# ---- a workload: who arrives when, with what, and who is aborted when ---------------------------------
-@dataclass(frozen=True)
-class Spec:
-    prompt: tuple[int, ...]
-    params: SamplingParams
-    priority: int = 0
-    arrive: int = 0  # step before which it is added
-    abort: int | None = None  # step before which it is aborted (if it has arrived and not finished)
-
-
-@dataclass(frozen=True)
-class Workload:
-    block_size: int
-    num_blocks: int  # block 0 included
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    prefix_caching: bool
-    specs: tuple[Spec, ...]
-    resets: frozenset[int] = frozenset()  # steps before which the prefix cache is reset
-    chunked_prefill: bool = True  # False: prompts prefilled whole (the engine's dynamic-NTK RoPE mode)
-
-    def last_event(self) -> int:
-        return max([s.arrive for s in self.specs] + [s.abort or 0 for s in self.specs] + list(self.resets))
-
-
-@st.composite
-def workloads(draw, vocab: int, block_sizes, max_new: int, max_requests: int, engine: bool):
-    """Prompts cut from a few shared stems (prefix-cache hits), pools that only just hold the largest
-    request (preemption), small token budgets (chunked prefill). ``engine``: for the real engine, which
-    also samples (seeded) and decides chunking itself."""
-    C = draw(st.sampled_from(block_sizes))
-    token = st.integers(0, vocab - 1)
-    stems = draw(st.lists(st.lists(token, max_size=3 * C), min_size=1, max_size=3))
-    specs = []
-    for _ in range(draw(st.integers(2, max_requests))):
-        stem = draw(st.sampled_from(stems))
-        stem = stem[:draw(st.integers(0, len(stem)) | st.just(len(stem)))]
-        prompt = stem + draw(st.lists(token, min_size=0 if stem else 1, max_size=2 * C))
-        sampled = engine and draw(st.booleans())
-        params = SamplingParams(max_new_tokens=draw(st.integers(1, max_new)), temperature=0.8 if sampled else 0,
-                                seed=draw(st.integers(0, 3)) if sampled else None,
-                                prompt_logprobs=draw(st.sampled_from([None, None, None, 2])))
-        abort = draw(st.integers(0, 24)) if draw(st.integers(0, 3)) == 0 else None  # a quarter are aborted
-        specs.append(Spec(tuple(prompt), params, draw(st.integers(0, 2)), draw(st.integers(0, 4)), abort))
-    largest = max(blocks_for(len(s.prompt) + s.params.max_new_tokens, C) for s in specs)
-    mostly = st.booleans() | st.just(True)
-    return Workload(block_size=C, num_blocks=largest + 1 + draw(st.integers(0, 1)),
-                    max_num_seqs=draw(st.integers(1, 4)), max_num_batched_tokens=draw(st.integers(1, 12)),
-                    prefix_caching=draw(mostly), specs=tuple(specs),
-                    resets=draw(st.frozensets(st.integers(0, 30), max_size=2)),
-                    chunked_prefill=engine or draw(mostly))
+from tests.schedules import Workload, blocks_for, spec, workloads
 
 
 # ---- layer 1: scheduler + block pool with a simulated executor ----------------------------------------
@@ -298,11 +232,6 @@ def simulate(w: Workload, vocab: int = 3) -> Sim:
     return sim
 
 
-def spec(prompt, n, priority=0, arrive=0, abort=None, prompt_logprobs=None):
-    return Spec(tuple(prompt), SamplingParams(max_new_tokens=n, temperature=0, prompt_logprobs=prompt_logprobs),
-                priority, arrive, abort)
-
-
 # Two long requests over a shared stem, in a pool that only holds one of them, behind a small budget.
 PRESSURE = Workload(block_size=2, num_blocks=7, max_num_seqs=3, max_num_batched_tokens=3, prefix_caching=True,
                     specs=(spec([1, 2, 1, 2, 0], 6), spec([1, 2, 1, 2, 1, 1], 5, arrive=1),
@@ -321,91 +250,3 @@ def test_the_pressure_workload_preempts_chunks_and_hits_the_cache():
 @example(PRESSURE)
 def test_scheduler_properties(w):
     simulate(w)
-
-
-# ---- layer 2: the real engine on a tiny model ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(checkpoints):
-    """The tiny Mixtral in float64 (no argmax ties from rounding) and a cache of runs alone. One thread:
-    on a model this small, a second one costs more than it gives, and far more beside a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield moekit.load(checkpoints("mixtral")[0], dtype=torch.float64), {}
-    torch.set_num_threads(threads)
-
-
-def run_alone(tiny, s: Spec):
-    model, cache = tiny
-    if (s.prompt, s.params) not in cache:
-        engine = Engine(model, eos_token_ids=(), adapt_threads=False)
-        cache[s.prompt, s.params] = engine.generate([list(s.prompt)], s.params)[0]
-    return cache[s.prompt, s.params]
-
-
-def run_engine(tiny, w: Workload) -> Engine:
-    model, _ = tiny
-    engine = Engine(model, eos_token_ids=(), max_num_seqs=w.max_num_seqs,
-                    max_num_batched_tokens=w.max_num_batched_tokens, block_size=w.block_size,
-                    kv_cache_bytes=w.num_blocks * PagedKVCache.block_bytes(model.config, w.block_size, torch.float64),
-                    prefix_caching=w.prefix_caching, cuda_graph=False, adapt_threads=False)
-    assert engine.pool.num_blocks == w.num_blocks
-    ids: dict[int, int] = {}  # spec index -> request id
-    events = defaultdict(list)
-    aborted, finished = set(), set()
-    t = 0
-    while t <= w.last_event() or engine.has_unfinished():
-        for i, s in enumerate(w.specs):
-            if s.arrive == t:
-                ids[i] = engine.add_request(list(s.prompt), s.params, priority=s.priority)
-        for i, s in enumerate(w.specs):
-            if s.abort == t and i in ids and i not in finished:
-                engine.abort(ids[i])
-                aborted.add(i)
-        if t in w.resets:
-            engine.pool.reset_prefix_cache()
-        index = {rid: i for i, rid in ids.items()}
-        for ev in engine.step():
-            i = index[ev.index]
-            assert i not in aborted, f"request {i} has an event after its abort"
-            assert i not in finished, f"request {i} has an event after its last"
-            events[i].append(ev)
-            if ev.finish_reason is not None:
-                finished.add(i)
-        if not engine.has_unfinished():
-            assert engine.pool.in_use() == 0, "blocks leak when idle"
-        t += 1
-        assert t < 400, "no end in sight (livelock)"
-    assert engine.pool.in_use() == 0 and not engine.requests
-    for i, s in enumerate(w.specs):
-        got, want = [ev.token_id for ev in events[i]], run_alone(tiny, s)
-        if i in aborted:
-            assert got == want.token_ids[:len(got)]
-            continue
-        assert got == want.token_ids, f"request {i}: batched {got}, alone {want.token_ids}"
-        assert events[i][-1].finish_reason == want.finish_reason
-        if s.params.prompt_logprobs is not None:
-            lp = events[i][0].prompt_logprobs
-            assert lp[0] is None and len(lp) == len(want.prompt_logprobs) == len(s.prompt)
-            for a, b in zip(lp[1:], want.prompt_logprobs[1:]):
-                assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-9)
-                assert [tok for tok, _ in a.top] == [tok for tok, _ in b.top]
-    return engine
-
-
-ENGINE_PRESSURE = Workload(block_size=2, num_blocks=8, max_num_seqs=3, max_num_batched_tokens=4, prefix_caching=True,
-                           specs=(spec([9, 40, 77, 5, 3, 120], 5), spec([9, 40, 77, 5, 60], 5, arrive=1),
-                                  spec([9, 40, 77], 4, priority=1, arrive=1, abort=5),
-                                  spec([9, 40, 77, 5, 3, 120, 11], 3, arrive=3, prompt_logprobs=2),
-                                  Spec((64, 65), SamplingParams(max_new_tokens=4, temperature=0.8, seed=1), 0, 2)))
-
-
-def test_engine_pressure_workload_preempts_chunks_and_hits_the_cache(tiny):
-    engine = run_engine(tiny, ENGINE_PRESSURE)
-    assert engine.stats.preemptions > 0 and engine.pool.hits > 0
-
-
-@settings(max_examples=100, deadline=None)
-@given(w=workloads(vocab=128, block_sizes=[1, 2, 4], max_new=6, max_requests=6, engine=True))
-@example(w=ENGINE_PRESSURE)
-def test_engine_under_random_arrivals_aborts_and_preemption(tiny, w):
-    run_engine(tiny, w)
