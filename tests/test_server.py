@@ -4,67 +4,16 @@ names bad parameters in OpenAI's error JSON, and frees a request's KV blocks whe
 
 import contextlib
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
-import torch
 
 import moekit
 from moekit.engine import AsyncEngine, Engine
 from moekit.engine.text import TextGenerator
 from moekit.server import create_app
+from tests.servefixtures import HI, MODEL, httpx, load_default, log_softmax, serve_process, serving, settled
 
 openai = pytest.importorskip("openai")
-try:
-    import httpx2 as httpx  # what openai>=3 ships with
-except ImportError:
-    import httpx
-
-MODEL = "moekit-default"
-HI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
-      {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Write a verse."}]
-
-
-def load_default():
-    """The default model in float32 on the reference kernels: a request's tokens are then the same whatever
-    shares its batch (tests/test_engine_serving.py), so server answers can be compared token for token."""
-    return moekit.CausalLM.from_pretrained(moekit.default_model_path(), dtype="float32", kernels="reference")
-
-
-@contextlib.contextmanager
-def serving(app):
-    """``app`` on uvicorn in a background thread on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def settled(engine: AsyncEngine, timeout: float = 10.0) -> bool:
-    """Wait until the engine holds no request and no KV block (aborts reach its worker between steps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not engine.engine.has_unfinished() and engine.engine.pool.in_use() == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class Served:
@@ -91,12 +40,6 @@ def generated(ref, prompt_ids: list[int], **sampling):
     """(text, token ids) the in-process engine gives ``prompt_ids`` with the server's sampling defaults."""
     out = TextGenerator(ref.engine, ref.tokenizer).generate([prompt_ids], ref.sampling(len(prompt_ids), **sampling))
     return out[0].text, out[0].token_ids
-
-
-def log_softmax(model, ids: list[int]) -> torch.Tensor:
-    """Full-recompute logprobs [T, V] of ``ids``: no cache, no batching."""
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0].float().log_softmax(-1)
 
 
 # ---- chat ------------------------------------------------------------------------------------------------
@@ -382,23 +325,8 @@ def test_a_client_leaving_mid_stream_aborts_its_request(served):
 
 
 def test_serve_subprocess_exits_0_on_sigterm_mid_stream(tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", "--port", str(port), "--kernels",
-                             "reference", "--max-model-len", "512"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    log = tmp_path / "serve.log"
+    with serve_process(log, "--kernels", "reference", "--max-model-len", "512") as (proc, url):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=200, stream=True,
                                            extra_body={"ignore_eos": True})
@@ -411,8 +339,4 @@ def test_serve_subprocess_exits_0_on_sigterm_mid_stream(tmp_path):
         with contextlib.suppress(openai.APIError, httpx.TransportError):
             for chunk in stream:  # in-flight streams end (or are cut) while the server shuts down
                 pass
-        assert proc.wait(timeout=30) == 0, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert proc.wait(timeout=30) == 0, log.read_text()

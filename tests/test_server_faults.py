@@ -12,7 +12,7 @@ import torch
 
 from moekit.engine import AsyncEngine, Engine, PagedKVCache
 from moekit.server import create_app
-from tests.test_server import HI, MODEL, httpx, load_default, serving, settled
+from tests.servefixtures import HI, MODEL, httpx, load_default, serving, settled
 
 USER = [{"role": "user", "content": "Write a verse."}]
 

@@ -8,7 +8,7 @@ import pytest
 
 from moekit.engine import AsyncEngine, Engine
 from moekit.server import create_app
-from tests.test_server import MODEL, load_default, log_softmax, serving
+from tests.servefixtures import MODEL, load_default, log_softmax, serving
 
 DOCS = [
     {"question": "In the beginning God created the heaven and the", "choices": ["earth.", "sea.", "moon."],

@@ -11,12 +11,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,8 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+
+from tests.servefixtures import http_get, serve_process
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,43 +49,11 @@ window.fetch = (url, init) => {
 
 
 # ---- the server and the browser -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def _serve(tmp_path_factory, *extra):
-    """Start ``moekit serve`` on a free loopback port; yield its base URL; SIGTERM it and check it exits 0."""
-    port = _free_port()
+    """``moekit serve`` on a free loopback port; yield its base URL; SIGTERM it and check it exits 0."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", "--port", str(port), *extra],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moekit serve exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if _get(base + "health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"moekit serve did not answer /health within 60 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield base
-    finally:
+    with serve_process(log_path, *extra) as (proc, url):
+        yield url + "/"
         proc.send_signal(signal.SIGTERM)
         try:
             rc = proc.wait(timeout=30)
@@ -127,7 +93,7 @@ def browser():
 
 def running(base: str) -> float:
     """The server's count of requests in flight (its Prometheus gauge)."""
-    text = _get(base + "metrics")[1].decode()
+    text = http_get(base + "metrics")[1].decode()
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("moekit:num_requests_running"))
 
 
@@ -206,7 +172,7 @@ def screenshot(driver, name: str, readme: bool = False):
 # ---- tests --------------------------------------------------------------------------------------------------------
 def test_conversation_streams_stops_and_clears(server, browser):
     d = browser
-    model = json.loads(_get(server + "v1/models")[1])["data"][0]["id"]
+    model = json.loads(http_get(server + "v1/models")[1])["data"][0]["id"]
     open_page(d, server)
     wait_for(lambda: d.find_element(By.ID, "model-name").text == model, f"the model name {model!r}")
     assert messages(d) == [] and d.find_element(By.ID, "empty").is_displayed()
