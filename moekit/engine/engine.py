@@ -216,7 +216,7 @@ class Engine:
             r, c0 = s.request, s.request.num_computed
             c1 = c0 + s.num_new
             base = len(ids)
-            ids += r.tokens[c0:c1]
+            ids += r.token_slice(c0, c1)
             pos += range(c0, c1)
             slots += [r.blocks[p // C] * C + p % C for p in range(c0, c1)]
             starts.append(len(ids))
@@ -231,13 +231,13 @@ class Engine:
                 rows.append(base + s.num_new - 1)
         dev = self.device
         M = max(map(len, table))
-        table_RM = torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32, device=dev)
         decode_only = len(ids) == len(plan) and not owed
         if self.governor is not None:
             self.governor.update()
         if self.graphs is not None and decode_only and self.graphs.fits(len(plan), M):
             logits_KV = self.graphs.run(ids, pos, slots, table, lens)
         else:
+            table_RM = torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32, device=dev)
             batch = PagedBatch(self.kv, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), table_RM,
                                torch.tensor(starts, dtype=torch.int32, device=dev),
                                torch.tensor(lens, dtype=torch.int32, device=dev), max(pos) + 1)

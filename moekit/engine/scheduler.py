@@ -52,6 +52,13 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building the whole list (a decode step needs one token)."""
+        P = len(self.prompt_ids)
+        if start >= P:
+            return self.output_ids[start - P:end - P]
+        return self.prompt_ids[start:end] + (self.output_ids[:end - P] if end > P else [])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
