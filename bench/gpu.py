@@ -148,7 +148,7 @@ def hf_block(D, F, E, K, Fs, gate, ours, dev):
 
 def bench_block(name, shape, tokens, clock, probe, dev, errors) -> list[dict]:
     from moekit.kernels import get_backend
-    from moekit.kernels.triton.moe import DECODE_MAX_TOKENS, fused_moe
+    from moekit.kernels.triton.moe import fused_moe, pick_path
     from moekit.models.moe import MoE
 
     D, F, E, K, Fs, gate = shape
@@ -167,7 +167,7 @@ def bench_block(name, shape, tokens, clock, probe, dev, errors) -> list[dict]:
             r = ours.router(x.view(T, D))
             touched = int(r.ids_TK.unique().numel())
             row["moekit_ms"] = 1e3 * clock(lambda: ours(x))
-            row["path"] = "decode" if T <= DECODE_MAX_TOKENS else "grouped"
+            row["path"] = pick_path(T, K, E)
             if T <= 64:
                 sh = None if not Fs else (ours.shared.w13, ours.shared.w2,
                                           torch.sigmoid(ours.shared_gate(x.view(T, D))).view(-1) if gate else None)

@@ -9,7 +9,7 @@ over hidden units, so chunk outputs add up to the MLP's exactly, and each chunk 
 one more "expert" every token visits with weight gate[t] (or 1). Routed and shared
 work then share one launch per projection.
 
-Two paths, picked by token count (``DECODE_MAX_TOKENS``):
+Two paths, picked by ``pick_path`` from the token count and the slots per expert:
 
 - ``decode``: GEMV-style kernels that read each slot's expert directly (``decode.py``);
 - ``grouped``: align slots by expert (``align.py``), then tensor-core grouped GEMMs
@@ -24,7 +24,17 @@ import triton
 from moekit.kernels.triton import decode, grouped
 from moekit.kernels.triton.align import align
 
-DECODE_MAX_TOKENS = 16  # at or below: the GEMV path (bench/gpu.py's block table shows both paths up to 64)
+DECODE_MAX_TOKENS = 16  # above: always the grouped path (bench/gpu.py's block table shows both paths up to 64)
+DECODE_SLOTS_PER_EXPERT = 1.0  # the GEMV path while T * K < E * this: experts mostly see one token each
+
+
+def pick_path(T: int, K: int, E: int) -> str:
+    """"decode" (GEMV) for one token, or a few tokens that mostly land on different experts; else "grouped".
+
+    H100, 2026-11-27 (BENCHMARKS.md): GEMV wins at XVERSE 1-8 tokens (6 of 64 experts) and Mixtral 1-2
+    (2 of 8); the tensor-core grouped GEMMs win from the point where experts start to see several tokens.
+    """
+    return "decode" if T == 1 or (T <= DECODE_MAX_TOKENS and T * K < E * DECODE_SLOTS_PER_EXPERT) else "grouped"
 
 
 def shared_chunks(expert_width: int, shared_width: int) -> int:
@@ -88,7 +98,7 @@ def fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, i
     weights_TK = weights_TK.float().contiguous()
     gate_T = None if gate_T is None else gate_T.reshape(T).float().contiguous()
     if path is None:
-        path = "decode" if T <= DECODE_MAX_TOKENS else "grouped"
+        path = pick_path(T, K, E)
     if path == "decode":
         h_SF = decode.gate_up(x_TD, ids_TK, w13_EFD, w13_s, C, config)
         return decode.down(h_SF, ids_TK, weights_TK, gate_T, w2_EDF, w2_s, C, config)
