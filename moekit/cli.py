@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     notes = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
     notes.setFormatter(logging.Formatter(f"moekit {args.command}: note: %(message)s"))
     log.addHandler(notes)

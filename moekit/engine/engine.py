@@ -136,6 +136,8 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (), generator=self._seeds))
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         req = Request(rid, prompt, params, seed, frozenset(stops), priority)
+        if params.prompt_logprobs is not None:  # positions before the start are owed nothing
+            req.prompt_logprobs = [None] * min(max(0, params.prompt_logprobs_start - 1), len(prompt) - 1)
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid

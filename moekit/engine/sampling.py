@@ -46,6 +46,7 @@ class SamplingParams:
     min_new_tokens: int = 0  # suppress stop ids until this many tokens exist
     logprobs: int | None = None  # report each new token's logprob and this many top alternatives (0 = none)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo scoring)
+    prompt_logprobs_start: int = 0  # prompt tokens before this index get none (None), so cached blocks serve them
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -68,6 +69,8 @@ class SamplingParams:
             ("prompt_logprobs", self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
                                                                  and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"None or an integer in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs_start", isinstance(self.prompt_logprobs_start, int) and self.prompt_logprobs_start >= 0,
+             "an integer >= 0"),
         ]
         for name, ok, want in checks:
             if not ok:

@@ -190,13 +190,15 @@ class Scheduler:
 
     def _prefix_hits(self, req: Request) -> list[int]:
         """Cached blocks equal to ``req``'s leading full blocks (never its last token: that one's logits are
-        needed). Requests that want prompt logprobs compute their prompt themselves."""
-        owed = req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
-        if not self.pool.prefix_caching or owed:
+        needed). A request still owed prompt logprobs takes only blocks that end before the first owed position."""
+        usable = (req.num_tokens - 1) // self.C
+        if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1:
+            usable = min(usable, len(req.prompt_logprobs) // self.C)
+        if not self.pool.prefix_caching or usable == 0:
             return []
         tokens, hits = req.tokens, []
-        self.pool.queries += (req.num_tokens - 1) // self.C
-        for i in range((req.num_tokens - 1) // self.C):
+        self.pool.queries += usable
+        for i in range(usable):
             if i == len(req.keys):
                 req.keys.append(block_hash(req.keys[-1] if req.keys else None, tokens[i * self.C:(i + 1) * self.C]))
             b = self.pool.lookup(req.keys[i])
