@@ -111,18 +111,24 @@ def request_fields(name: str, new: int) -> dict:
 
 async def one_request(client, model: str, prompt: str, new: int, fields: dict) -> dict:
     """One streamed completion: send time, token times (chunks with text), the server's usage if it sends one."""
+    import openai
+
     sent = time.perf_counter()
-    stamps, usage = [], None
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0.0,
-                                             stream=True, **fields)
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            stamps.append(time.perf_counter())
-        if getattr(chunk, "usage", None):
-            usage = chunk.usage
+    stamps, usage, error = [], None, None
+    try:
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0.0,
+                                                 stream=True, **fields)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+            if getattr(chunk, "usage", None):
+                usage = chunk.usage
+    except openai.APIError as e:  # a failed request is counted and reported, not a crash of the whole run
+        error = f"{type(e).__name__}: {e} {getattr(e, 'body', None) or ''}".strip()
     tokens = usage.completion_tokens if usage else len(stamps)
     return {"sent": sent, "first": stamps[0] if stamps else None, "last": stamps[-1] if stamps else sent,
-            "tokens": tokens, "chunks": len(stamps), "prompt_tokens": usage.prompt_tokens if usage else None}
+            "tokens": tokens, "chunks": len(stamps), "prompt_tokens": usage.prompt_tokens if usage else None,
+            "error": error}
 
 
 async def cell(url: str, model: str, prompts: list[list[str]], new: int, fields: dict) -> list[dict]:
@@ -146,12 +152,19 @@ async def cell(url: str, model: str, prompts: list[list[str]], new: int, fields:
 
 
 def summarize(reqs: list[dict]) -> dict:
+    """Cell figures over the requests that succeeded; ``failed`` counts the others (their tokens are not counted)."""
+    failed = [r for r in reqs if r["error"]]
+    reqs = [r for r in reqs if not r["error"]] or reqs
     start, end = min(r["sent"] for r in reqs), max(r["last"] for r in reqs)
     rates = [r["tokens"] / (r["last"] - r["sent"]) for r in reqs if r["last"] > r["sent"]]
     ttft = [r["first"] - r["sent"] for r in reqs if r["first"] is not None]
     prompt = [r["prompt_tokens"] for r in reqs if r["prompt_tokens"] is not None]
+    if len(failed) == len(reqs):
+        return {"per_client_tps": None, "total_tps": None, "ttft_p50_s": None, "tokens": 0, "failed": len(failed),
+                "first_error": failed[0]["error"], "prompt_tokens_mean": None, "wall_s": None}
     return {"per_client_tps": statistics.mean(rates), "total_tps": sum(r["tokens"] for r in reqs) / (end - start),
-            "ttft_p50_s": statistics.median(ttft), "tokens": sum(r["tokens"] for r in reqs),
+            "ttft_p50_s": statistics.median(ttft), "failed": len(failed),
+            "first_error": failed[0]["error"] if failed else None, "tokens": sum(r["tokens"] for r in reqs),
             "prompt_tokens_mean": statistics.mean(prompt) if prompt else None, "wall_s": end - start}
 
 
@@ -195,9 +208,10 @@ def run_server(name: str, paths, args, out: Path) -> list[dict]:
             reqs = asyncio.run(cell(url, model, prompts, args.new, request_fields(name, args.new)))
             row = {"server": name, "clients": clients, "input": n, **summarize(reqs), "requests": reqs}
             rows.append(row)
-            print(f"  {clients:>3} clients x {n:>5} tokens: per client {row['per_client_tps']:7.2f} tok/s, "
-                  f"total {row['total_tps']:7.2f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s "
-                  f"(prompt {row['prompt_tokens_mean']}, {row['tokens']} tokens)", flush=True)
+            print(f"  {clients:>3} clients x {n:>5} tokens: per client {row['per_client_tps']} tok/s, "
+                  f"total {row['total_tps']} tok/s, TTFT p50 {row['ttft_p50_s']} s "
+                  f"(prompt {row['prompt_tokens_mean']}, {row['tokens']} tokens, {row['failed']} failed"
+                  + (f": {row['first_error']}" if row["failed"] else "") + ")", flush=True)
     return rows
 
 
@@ -211,12 +225,14 @@ def table(rows: list[dict], servers: list[str], key: str, cellset: list[tuple[in
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c, n in cellset:
         got = [by.get((s, c, n)) for s in servers]
-        vals = [f"{g[key]:.2f}" if g else "n/a" for g in got]
+        vals = [("n/a" if not g or g[key] is None else f"{g[key]:.2f}")
+                + (f" ({g['failed']} of {len(g['requests'])} failed)" if g and g["failed"] else "") for g in got]
         ours = by.get(("moekit", c, n))
         for p in peers:
             theirs = by.get((p, c, n))
             if "moekit" in servers:
-                vals.append(f"{ours[key] / theirs[key]:.2f}x" if ours and theirs else "n/a")
+                ok = ours and theirs and ours[key] and theirs[key] and not ours["failed"] and not theirs["failed"]
+                vals.append(f"{ours[key] / theirs[key]:.2f}x" if ok else "n/a")
         lines.append(f"| {c} | {n} | " + " | ".join(vals) + " |")
     return lines
 
@@ -249,7 +265,7 @@ def plot(rows, servers, cellset, path: Path, result) -> None:
         for ax, key, xs, pick in ((axes[0], "total_tps", conc, lambda x: (x, cellset[0][1])),
                                   (axes[1], "per_client_tps", conc, lambda x: (x, cellset[0][1])),
                                   (axes[2], "per_client_tps", lens, lambda x: (1, x))):
-            pts = [(x, mine[pick(x)][key]) for x in xs if pick(x) in mine]
+            pts = [(x, mine[pick(x)][key]) for x in xs if pick(x) in mine and mine[pick(x)][key] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=LABEL[s])
     titles = (f"total tok/s, {cellset[0][1]}-token prompts", f"per-client tok/s, {cellset[0][1]}-token prompts",

@@ -3,7 +3,7 @@
 Everything is built once into a cache folder (``--cache``, default ~/.cache/moekit) and reused:
 
 - ``checkpoint``: bench/cpu_generate.py's Mixtral shape (742M parameters, 8 x 3584 experts, top-2,
-  GQA 16/4) with seeded random bf16 weights, saved by moekit in Mixtral's Hugging Face layout, plus a
+  GQA 16/4; context 8192 here) with seeded random bf16 weights, saved by moekit in Mixtral's Hugging Face layout, plus a
   SentencePiece BPE tokenizer (LLaMA-2 style: byte fallback, <unk>/<s>/</s> = 0/1/2) trained on the King
   James Bible (Debian's bible-kjv-text, installed with apt as recipes/kjv does) at the checkpoint's
   vocabulary size, so that all three servers read the same text the same way;
@@ -71,7 +71,7 @@ def checkpoint(cache: Path) -> Path:
     from cpu_generate import SHAPES, write_checkpoint
 
     log(f"writing the Mixtral-shaped checkpoint to {folder}")
-    hf = dict(SHAPES["mixtral"])
+    hf = dict(SHAPES["mixtral"], max_position_embeddings=8192)  # room for 4k-token prompts plus the answer
     write_checkpoint(hf, torch.bfloat16, folder)
     log("training its SentencePiece tokenizer on the KJV")
     write_tokenizer(folder, hf["vocab_size"])
