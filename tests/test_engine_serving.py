@@ -157,6 +157,23 @@ def test_prompt_logprobs_bypass_the_prefix_cache(tiny):
     assert max(abs(e.logprob - w) for e, w in zip(scored.prompt_logprobs[1:], want)) < 1e-5
 
 
+@pytest.mark.parametrize("start", [1, 13, 20, 21, 39])
+def test_prompt_logprobs_from_a_start_reuse_cached_blocks_before_it(tiny, start):
+    """Blocks that end before the first owed position come from the cache; the owed logprobs are unchanged."""
+    prompt = list(range(10, 50))
+    engine = Engine(tiny, eos_token_ids=(), block_size=4)
+    engine.generate([prompt], greedy(0, 2))
+    params = SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=0, prompt_logprobs_start=start)
+    scored = engine.generate([prompt], params)[0]
+    assert scored.num_cached_tokens == (start - 1) // 4 * 4  # the blocks wholly before position start - 1
+    assert len(scored.prompt_logprobs) == len(prompt) and all(e is None for e in scored.prompt_logprobs[:start])
+    lp = full_logits(tiny, prompt).log_softmax(-1)
+    got = [(e.token_id, e.logprob) for e in scored.prompt_logprobs[start:]]
+    want = [(prompt[p], float(lp[p - 1, prompt[p]])) for p in range(max(start, 1), len(prompt))]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-5
+
+
 def test_a_long_prompt_does_not_freeze_running_streams(tiny):
     """While a 200-token prompt is prefilled in chunks of 16, every running request gets a token every step."""
     engine = Engine(tiny, eos_token_ids=(), max_num_batched_tokens=16)
