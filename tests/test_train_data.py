@@ -7,7 +7,7 @@ import pytest
 
 from moekit.chat import TEMPLATES, ChatFormat
 from moekit.tokenizer import Tokenizer
-from moekit.train.data import Mixture, Source, TokenStream, build_shard
+from moekit.train.data import Mixture, Source, TokenStream, build_shard, documents, is_heldout
 from moekit.train.sft import chat_encoder, text_encoder
 from tests.tokfixtures import TEXT, write_hf_bpe
 
@@ -35,6 +35,26 @@ def test_shards_separate_documents_with_eos_and_hold_out_a_fraction(tok, corpus,
     assert (train == tok.eos_token_id).sum() == 36 and train[-1] == tok.eos_token_id
     assert tok.decode(held[:held.tolist().index(tok.eos_token_id)]).startswith("document 9:")
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.02, 0.1, 0.3, 0.5])
+def test_one_heldout_rule_for_shards_and_recipes(tok, corpus, tmp_path, fraction):
+    """build_shard's held-out split, the recipe's is_heldout and the rule itself pick the same documents."""
+    import importlib.util
+    from pathlib import Path
+
+    every = round(1 / fraction) if fraction else 0
+    assert [i for i in range(40) if is_heldout(i, fraction)] == list(range(every - 1, 40, every) if every else [])
+    spec = importlib.util.spec_from_file_location(
+        "embedded_prepare", Path(__file__).parents[1] / "recipes" / "embedded" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    assert [prepare.is_heldout(i, fraction) for i in range(40)] == [is_heldout(i, fraction) for i in range(40)]
+    corpus.heldout = fraction
+    paths = build_shard(corpus, text_encoder(tok), tok.eos_token_id, 400, tmp_path, "k", progress=False)
+    docs = list(documents(corpus))
+    expect = [t for i, d in enumerate(docs) if is_heldout(i, fraction) for t in text_encoder(tok)(d)[0]]
+    assert np.fromfile(paths["heldout"], dtype=np.uint16).tolist() == expect
 
 
 def test_shards_are_reused_until_inputs_change(tok, corpus, tmp_path):

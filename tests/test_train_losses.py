@@ -6,9 +6,9 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.kernels.reference import capacity_drop, route
+from moekit.models.loss import next_token_nll, perplexity, window_nll
 from moekit.models.moe import Routing
-from moekit.train.losses import (bias_update, cv2_loss, cv_squared, lm_loss, router_losses, smooth_load, switch_loss,
-                                 z_loss)
+from moekit.train.losses import bias_update, cv2_loss, cv_squared, router_losses, smooth_load, switch_loss, z_loss
 
 
 def routing(logits, k):
@@ -16,13 +16,26 @@ def routing(logits, k):
     return Routing(logits.float(), ids, w)
 
 
-def test_lm_loss_masks_positions():
+def test_next_token_nll_masks_positions():
     logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
     targets = torch.tensor([[0, 1]])
-    total, n = lm_loss(logits, targets)
+    total, n = next_token_nll(logits, targets)
     assert n == 2 and math.isclose(total.item(), math.log(2) + math.log(1 + math.exp(2)), rel_tol=1e-6)
-    total, n = lm_loss(logits, targets, torch.tensor([[True, False]]))
+    total, n = next_token_nll(logits, targets, torch.tensor([[True, False]]))
     assert n == 1 and math.isclose(total.item(), math.log(2), rel_tol=1e-6)
+    assert math.isclose(perplexity(total.item(), n.item()), 2.0, rel_tol=1e-6)
+    assert perplexity(1e6, 1) == math.exp(50)  # capped, no overflow
+
+
+def test_window_nll_scores_each_token_from_the_ones_before():
+    """A bigram table as the model: window_nll equals the hand sum of -log p(next | previous)."""
+    table_VV = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+    tokens_BT = torch.tensor([[1, 3, 0, 4], [2, 2, 1, 0]])
+    mask_BT = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    total, n = window_nll(lambda ids: table_VV[ids], tokens_BT, mask_BT)
+    logp = table_VV.log_softmax(-1)
+    expect = [-logp[row[t - 1], row[t]].item() for row, m in zip(tokens_BT, mask_BT) for t in range(1, 4) if m[t]]
+    assert n == 5 and math.isclose(total.item(), sum(expect), rel_tol=1e-6)
 
 
 def test_switch_loss_hand_computed():

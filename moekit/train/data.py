@@ -2,7 +2,8 @@
 
 - ``build_shard`` tokenises a source (text files, JSONL ``text``, or JSONL chat ``messages``)
   into a flat memory-mapped token file per split, documents separated by EOS; a
-  deterministic fraction of documents goes to the held-out split. Files are written to a
+  deterministic fraction of documents goes to the held-out split (``is_heldout``, the one
+  rule that recipes splitting their own text use too). Files are written to a
   temporary name and renamed, and reused when their inputs have not changed.
 - ``TokenStream`` serves windows of seq_len + 1 tokens in a seeded order per epoch.
 - ``Mixture`` picks each batch row's source with fixed weights (LLaMA-MoE's static
@@ -95,6 +96,13 @@ def documents(source: Source):
             yield row[key]
 
 
+def is_heldout(index: int, fraction: float) -> bool:
+    """The held-out rule: document ``index`` (0-based, in :func:`documents` order) is held out when it is
+    every round(1 / fraction)-th one (indices every-1, 2*every-1, ...); fraction 0 holds out nothing."""
+    every = max(1, round(1 / fraction)) if fraction > 0 else 0
+    return bool(every) and index % every == every - 1
+
+
 def _fingerprint(source: Source, tokenizer_key: str) -> str:
     h = hashlib.sha256(json.dumps([source.format, source.separator, source.heldout, tokenizer_key]).encode())
     for f in source.files():
@@ -122,14 +130,13 @@ def build_shard(source: Source, encode, eos_id: int, vocab_size: int, cache_dir:
     if meta_path.exists() and all(p.exists() for p in paths.values()):
         return paths
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    every = max(1, round(1 / source.heldout)) if source.heldout > 0 else 0
     toks = {"train": [], "heldout": []}
     masks = {"train": [], "heldout": []}
     n_docs = 0
     for i, doc in enumerate(tqdm(documents(source), desc=f"tokenising {source.name}", unit="doc",
                                  disable=not progress)):
         ids, mask = encode(doc)
-        split = "heldout" if every and i % every == every - 1 else "train"
+        split = "heldout" if is_heldout(i, source.heldout) else "train"
         toks[split].append(np.asarray(ids, dtype=dtype))
         if mask is not None:
             masks[split].append(np.asarray(mask, dtype=np.uint8))

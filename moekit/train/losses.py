@@ -1,7 +1,7 @@
-"""Training losses: next-token cross-entropy and the router balance losses.
+"""Training losses: the router balance losses (the next-token loss is :func:`moekit.models.loss.next_token_nll`).
 
-Shape legend: B batch, T tokens, V vocabulary, N routed tokens (B*T, all layers for
-concatenated losses), E experts, K experts per token.
+Shape legend: T tokens of one layer, N routed tokens (all layers for concatenated losses),
+E experts, K experts per token.
 
 - switch: transformers' Mixtral ``load_balancing_loss_func``, layers concatenated:
   E * sum_{k,e} f_{k,e} P_e with f the fraction of tokens whose k-th choice is e and P the
@@ -20,17 +20,6 @@ import torch.nn.functional as F
 
 from moekit.config import MoEConfig
 from moekit.models.moe import Routing
-
-
-def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over counted positions, number of counted positions)."""
-    loss = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1),
-                           reduction="none")
-    if mask_BT is None:
-        return loss.sum(), torch.tensor(loss.numel(), device=loss.device)
-    m = mask_BT.reshape(-1).to(loss.dtype)
-    return (loss * m).sum(), m.sum()
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

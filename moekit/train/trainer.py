@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from moekit.config import ConfigError
 from moekit.errors import MoekitError
+from moekit.models.loss import next_token_nll, perplexity, window_nll
 from moekit.models.moe import MoE
 from moekit.train import checkpoint
 from moekit.train.build import build_model, build_streams
 from moekit.train.config import TrainConfig
-from moekit.train.losses import bias_update, expert_load, lm_loss, router_losses
+from moekit.train.losses import bias_update, expert_load, router_losses
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.train.parallel import global_sum, init_distributed, parallelize, shutdown_distributed, sync_gradients
 
@@ -104,7 +105,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             with self._autocast(), self.model.record_routing() as routing:
                 logits = self.model(xs[:, :-1])
-            loss_sum, _ = lm_loss(logits, xs[:, 1:], None if ms is None else ms[:, 1:])
+            loss_sum, _ = next_token_nll(logits, xs[:, 1:], None if ms is None else ms[:, 1:])
             total = loss_sum / counted * self.world
             if self.moe is not None and routing:
                 extra = router_losses(routing, self.moe, red)
@@ -182,10 +183,9 @@ class Trainer:
             for i in range(self.rank, min(n_rows, stream.windows), self.world):
                 toks, mask = stream.window(i)
                 x = torch.as_tensor(toks)[None].to(self.device)
+                mk = None if mask is None else torch.as_tensor(mask)[None].to(self.device)
                 with self._autocast():
-                    logits = self.model(x[:, :-1])
-                mk = None if mask is None else torch.as_tensor(mask)[None, 1:].to(self.device)
-                ls, cnt = lm_loss(logits, x[:, 1:], mk)
+                    ls, cnt = window_nll(self.model, x, mk)
                 s, n = s + float(ls), n + float(cnt)
             s, n = self._all_sum(s), self._all_sum(n)
             if n:
@@ -194,7 +194,7 @@ class Trainer:
         self.model.train()
         if total_n:
             out["eval_loss"] = total_sum / total_n
-            out["eval_ppl"] = math.exp(min(out["eval_loss"], 50))
+            out["eval_ppl"] = perplexity(total_sum, total_n)
             self.mixture.update_weights({k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("eval_loss/")})
         return out
 

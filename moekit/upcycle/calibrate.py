@@ -16,6 +16,7 @@ from moekit.errors import MoekitError
 from moekit.kernels.reference import silu_mul
 from moekit.models import MoEDecoder
 from moekit.models.layers import MLP
+from moekit.models.loss import window_nll
 
 
 def calibration_windows(text_path: str | Path, tokenizer_dir: str | Path, seq_len: int = 256,
@@ -37,15 +38,13 @@ def calibration_windows(text_path: str | Path, tokenizer_dir: str | Path, seq_le
 @torch.no_grad()
 def lm_loss(model: MoEDecoder, windows_WT: torch.Tensor, batch: int = 4, progress: bool = False,
             desc: str = "loss") -> float:
-    """Mean next-token cross-entropy (nats) over every window, in eval mode."""
+    """Mean next-token loss (nats, :func:`moekit.models.loss.window_nll`) over every window, in eval mode."""
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for i in tqdm(range(0, len(windows_WT), batch), desc=desc, unit="batch", disable=not progress):
-        x = windows_WT[i:i + batch]
-        logits = model(x[:, :-1])
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].reshape(-1), reduction="sum"))
-        count += x[:, 1:].numel()
+        nll, n = window_nll(model, windows_WT[i:i + batch])
+        total, count = total + float(nll), count + float(n)
     model.train(was)
     return total / count
 
@@ -103,11 +102,11 @@ def _window_scores(dense: MoEDecoder, probes: list[_Probe], x_BT: torch.Tensor
     if not any(p.requires_grad for p in dense.parameters()):  # frozen weights: the graph needs one input
         hooks.append(dense.embed.register_forward_hook(lambda mod, args, out: out.requires_grad_()))
     try:
-        logits = dense(x_BT[:, :-1])
+        nll, count = window_nll(dense, x_BT)
     finally:
         for h in hooks:
             h.remove()
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), x_BT[:, 1:].reshape(-1))
+    loss = nll / count
     grads = torch.autograd.grad(loss, [p.act_BTF for p in probes])
     out = [(p.act_BTF.detach() * g).abs().sum((0, 1)).double() for p, g in zip(probes, grads)]
     for p in probes:

@@ -37,20 +37,21 @@ def split_docs(path: Path) -> tuple[list[str], list[str]]:
 
 @torch.no_grad()
 def score(model, rows: list[list[int]], window: int) -> tuple[float, int]:
-    """(summed next-token loss, tokens scored) over each row cut into windows."""
+    """(summed next-token loss, tokens scored) over each row cut into windows (moekit's window_nll)."""
+    from moekit.models.loss import window_nll
+
     total, count = 0.0, 0
     for ids in rows:
         for s in range(0, len(ids) - 1, window):
-            x = torch.tensor(ids[s:s + window + 1])[None]
-            logits = model(x[:, :-1]).float()
-            total += float(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum"))
-            count += x.shape[1] - 1
+            nll, n = window_nll(model, torch.tensor(ids[s:s + window + 1])[None])
+            total, count = total + float(nll), count + int(n)
     return total, count
 
 
 def heldout_report(model_dir: Path, data: Path, window: int = 256) -> dict:
     """Per source: held-out model loss / perplexity, unigram loss / perplexity, tokens and characters."""
     import moekit
+    from moekit.models.loss import perplexity
 
     tok = moekit.Tokenizer.from_pretrained(model_dir)
     model = moekit.load(model_dir, dtype=torch.float32, kernels="reference").eval()
@@ -69,11 +70,11 @@ def heldout_report(model_dir: Path, data: Path, window: int = 256) -> dict:
         u_sum = float(-sum(logp[r[1:]].sum() for r in rows))
         chars = sum(len(d) for d in held)
         out[name] = {"documents": len(held), "tokens": n, "characters": chars, "loss": m_sum / n,
-                     "ppl": math.exp(m_sum / n), "unigram_loss": u_sum / n, "unigram_ppl": math.exp(u_sum / n),
+                     "ppl": perplexity(m_sum, n), "unigram_loss": u_sum / n, "unigram_ppl": perplexity(u_sum, n),
                      "bits_per_char": m_sum / chars / math.log(2)}
         all_m, all_u, all_n = all_m + m_sum, all_u + u_sum, all_n + n
-    out["all"] = {"tokens": int(all_n), "loss": all_m / all_n, "ppl": math.exp(all_m / all_n),
-                  "unigram_loss": all_u / all_n, "unigram_ppl": math.exp(all_u / all_n)}
+    out["all"] = {"tokens": int(all_n), "loss": all_m / all_n, "ppl": perplexity(all_m, all_n),
+                  "unigram_loss": all_u / all_n, "unigram_ppl": perplexity(all_u, all_n)}
     return out
 
 

@@ -12,8 +12,8 @@ Sources (installed with apt-get when missing):
   ``chinese`` collection of classics, proverbs and ci, without its Debian manual excerpts.
 
 Each source becomes one text file whose documents are separated by SEPARATOR. Every
-round(1 / HELDOUT)-th document is held out, the rule moekit.train.data.build_shard applies
-with ``heldout: HELDOUT``; the tokenizer is trained on the training documents only.
+round(1 / HELDOUT)-th document is held out (moekit.train.data.is_heldout, the rule
+build_shard applies with ``heldout: HELDOUT``); the tokenizer is trained on the training documents only.
 The byte-level BPE gets the special tokens </s> (id 0, eos), <s> (1, bos), <pad> (2) and
 the XVERSE-MoE-Chat chat template in tokenizer_config.json.
 """
@@ -102,9 +102,10 @@ def chinese_documents() -> list[str]:
 
 
 def is_heldout(i: int, fraction: float = HELDOUT) -> bool:
-    """moekit.train.data.build_shard's rule: every round(1 / fraction)-th document is held out."""
-    every = max(1, round(1 / fraction)) if fraction > 0 else 0
-    return bool(every) and i % every == every - 1
+    """Whether document ``i`` is held out: moekit.train.data.is_heldout, the rule build_shard applies."""
+    from moekit.train.data import is_heldout as rule
+
+    return rule(i, fraction)
 
 
 def prepare(out: Path, vocab: int) -> dict:
