@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--windows", type=int, default=64, help="calibration windows at most")
     up.add_argument("--seed", type=int, default=0)
     up.set_defaults(func=cmd_upcycle)
+    from moekit.eval import cli as eval_cli  # eval, leakage, route-stats: each module brings its own arguments
+
+    eval_cli.register(sub)
     return p
 
 
