@@ -1,8 +1,12 @@
 """Serving speed seen by streaming clients: moekit serve vs transformers serve --continuous-batching vs llama-server.
 
-    python bench/serve.py                        # the Orion card's two tables, all three servers (~30 min on 2 cores)
+    python bench/serve.py                        # the Orion card's two tables, all three servers (~8 min on 2 cores)
     python bench/serve.py --grid full            # every (clients, input length) pair
     python bench/serve.py --small                # smoke check: 1/4 clients, 128/512 tokens, 8 new tokens
+
+Needs the test extra plus ``pip install accelerate matplotlib`` (transformers serve loads through
+accelerate). The first run builds llama-server (several minutes on 2 cores) and the GGUF; later runs
+reuse them from ``--cache``.
 
 The Orion-MoE card measures its server "from the client, in tokens per second" at 1 and 4 concurrent
 clients, and at input lengths 4k to 64k. Here the same two sweeps on this machine, on one checkpoint
