@@ -60,10 +60,10 @@ def command(name: str, folder: Path, gguf: Path, binary: Path, port: int, args) 
     seqs, ctx = max(args.clients), max(args.inputs) + args.new + 64
     t = str(args.threads)
     if name == "moekit":
-        kv_gib = seqs * ctx * serve_setup.kv_bytes_per_token(folder) / 2**30 * 1.1
+        kv_gib = max(0.05, seqs * ctx * serve_setup.kv_bytes_per_token(folder) / 2**30 * 1.1)
         return [sys.executable, "-m", "moekit.cli", "serve", "--model", str(folder), "--port", str(port),
                 "--threads", t, "--max-num-seqs", str(seqs), "--max-model-len", str(ctx),
-                "--kv-memory", f"{kv_gib:.2f}"]
+                "--kv-memory", f"{kv_gib:.3f}"]
     if name == "transformers":
         block = 256  # its default page size; the cache gets the same room as moekit's (psutil absent: set it)
         blocks = -(-seqs * ctx // block) + seqs

@@ -88,13 +88,13 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def serve_process(log_path: Path, *extra: str):
+def serve_process(log_path: Path, *extra: str, preexec_fn=None):
     """``moekit serve`` on a free loopback port, logging to ``log_path``; yields (process, base URL) once
     /health answers 200, and stops it (SIGTERM, then kill) if it still runs at the end."""
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", "--port", str(port), *extra],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -4,6 +4,8 @@ names bad parameters in OpenAI's error JSON, and frees a request's KV blocks whe
 
 import contextlib
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +13,7 @@ import moekit
 from moekit.engine import AsyncEngine, Engine
 from moekit.engine.text import TextGenerator
 from moekit.server import create_app
-from tests.servefixtures import HI, MODEL, httpx, load_default, log_softmax, serve_process, serving, settled
+from tests.servefixtures import HI, MODEL, http_get, httpx, load_default, log_softmax, serve_process, serving, settled
 
 openai = pytest.importorskip("openai")
 
@@ -340,3 +342,19 @@ def test_serve_subprocess_exits_0_on_sigterm_mid_stream(tmp_path):
             for chunk in stream:  # in-flight streams end (or are cut) while the server shuts down
                 pass
         assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def test_serve_subprocess_ctrl_c_exits_130_and_a_taken_port_is_one_line(tmp_path):
+    log = tmp_path / "serve.log"
+    # a shell's background job (CI started with &) inherits SIGINT ignored: give the server the terminal's default
+    with serve_process(log, "--kernels", "reference", "--max-model-len", "512",
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as (proc, url):
+        port = url.rsplit(":", 1)[1]
+        taken = subprocess.run([sys.executable, "-m", "moekit.cli", "serve", "--port", port, "--kernels",
+                                "reference"], capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and "Traceback" not in taken.stderr, taken.stderr
+        assert f"cannot serve on http://127.0.0.1:{port}" in taken.stderr.splitlines()[-1]
+        assert http_get(url + "/health")[0] == 200  # the first server is unaffected
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, log.read_text()
+    assert "Traceback" not in log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 import uvicorn
 
@@ -32,10 +33,40 @@ def serve(lm: CausalLM, name: str, host: str = "127.0.0.1", port: int = 8000, ap
           f"(web chat at /, OpenAI API at /v1)", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=10))
-    # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM handler of ours makes that a
-    # return (exit status 0) rather than a kill by the signal
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # The engine steps in this (the main) thread and uvicorn's event loop runs in a background one: every
+    # OpenMP region then starts from the thread that loaded the model (see AsyncEngine.run_here). uvicorn
+    # installs no signal handlers off the main thread; ours ask it to shut down gracefully (stop accepting,
+    # let in-flight requests finish for up to 10 s) while the engine keeps stepping for them.
+    stopped_by: list[int] = []
+    failed: list[BaseException] = []
+
+    def stop(signum, _frame) -> None:
+        if server.should_exit:  # a second signal: do not wait for in-flight requests
+            server.force_exit = True
+        stopped_by.append(signum)
+        server.should_exit = True
+
+    def web() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # e.g. uvicorn's sys.exit(1) when the port is taken: reported by the main thread
+            failed.append(e)
+        finally:
+            engine.wake()  # the engine loop sees the server gone
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=web, name="moekit-http", daemon=True)
+    thread.start()
     try:
-        server.run()
+        engine.run_here(until=lambda: not thread.is_alive())
+        thread.join()
     finally:
         engine.shutdown()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if failed:
+        if isinstance(failed[0], SystemExit) and not server.started:
+            raise MoekitError(f"cannot serve on http://{host}:{port} (uvicorn's message above says why)")
+        raise failed[0]
+    if signal.SIGINT in stopped_by:
+        raise KeyboardInterrupt  # Ctrl-C: the CLI exits 130 as for any interrupted command
