@@ -17,6 +17,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 
 from tests.familyref.checkpoints import make_checkpoint
+from tests.lmevaltask import write_mc_task
 from tests.tokfixtures import write_hf_bpe, write_sentencepiece
 
 MAX_LENGTH = 24  # small, so long requests are left-truncated and rolling texts span several windows
@@ -132,24 +133,7 @@ def test_chat_template_equals_hflm(pair):
 
 
 def write_task(folder) -> str:
-    data = folder / "mc.jsonl"
-    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCS), encoding="utf-8")
-    (folder / "moekit_lm_mc.yaml").write_text(f"""\
-task: moekit_lm_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""", encoding="utf-8")
-    return "moekit_lm_mc"
+    return write_mc_task(folder, "moekit_lm_mc", DOCS, ("acc", "acc_norm"))
 
 
 @pytest.fixture

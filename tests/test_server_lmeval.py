@@ -2,12 +2,12 @@
 multiple-choice task (written here: a task YAML and a JSONL file) through /v1/completions (token-id prompts,
 echo, logprobs, max_tokens=1), and the loglikelihoods it reads equal moekit's own in-process ones."""
 
-import json
 
 import pytest
 
 from moekit.engine import AsyncEngine, Engine
 from moekit.server import create_app
+from tests.lmevaltask import write_mc_task
 from tests.servefixtures import MODEL, load_default, log_softmax, serving
 
 DOCS = [
@@ -23,24 +23,7 @@ DOCS = [
 
 
 def write_task(folder) -> str:
-    data = folder / "mc.jsonl"
-    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCS), encoding="utf-8")
-    (folder / "moekit_mc.yaml").write_text(f"""\
-task: moekit_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: " "
-metric_list:
-  - metric: acc
-""", encoding="utf-8")
-    return "moekit_mc"
+    return write_mc_task(folder, "moekit_mc", DOCS)
 
 
 def test_lm_eval_local_completions_reads_moekit_loglikelihoods(tmp_path, monkeypatch):
