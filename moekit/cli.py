@@ -12,25 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from moekit.cliargs import UsageError, default_model, positive_int
 from moekit.errors import MoekitError
 from moekit.weights.io import CheckpointError
 
 log = logging.getLogger("moekit")
-
-
-class UsageError(MoekitError):
-    """A command-line problem that deserves one line, not a traceback."""
-
-
-def _positive_int(text: str) -> int:
-    """argparse type for counts such as --threads: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
 
 
 def _text(value: str, what: str) -> str:
@@ -51,16 +37,6 @@ def _text(value: str, what: str) -> str:
     return fixed
 
 
-def _default_model() -> str:
-    """The embedded default model's folder (moekit/assets/default)."""
-    from moekit.assets import default_model_path
-
-    try:
-        return str(default_model_path())
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-
-
 def cmd_info(args: argparse.Namespace) -> None:
     from moekit.describe import describe
     from moekit.presets import PRESETS, preset
@@ -69,7 +45,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     target = args.model
     embedded = target is None or (target == "default" and not Path(target).exists())
     if embedded:
-        target = _default_model()
+        target = default_model()
     if target in PRESETS:
         cfg, name = preset(target), target
     elif Path(target).exists():
@@ -119,7 +95,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded demo model, docs/default-model.md)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--chat-format", help="override the chat format (xverse-moe, chatml, orion, vicuna, deepseek)")
     p.add_argument("--system", help="system message for chat formatting")
     for name, (typ, help_) in SAMPLING_FLAGS.items():
@@ -147,7 +123,7 @@ def _load(args: argparse.Namespace):
     given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     SamplingParams(**given, stop=tuple(args.stop))  # reject bad flags before the (slow) load
     if not args.model:
-        args.model = _default_model()
+        args.model = default_model()
     if not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model!r}: no such checkpoint folder")
     t0 = time.perf_counter()
@@ -209,30 +185,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _print_stream(ev.text for ev in gen.stream([ids], params))
     else:
         print(gen.generate([ids], params)[0].text)
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    """The OpenAI-compatible server and the web chat page (moekit/server/), until SIGTERM or Ctrl-C."""
-    import time
-
-    import torch
-
-    from moekit.engine import CausalLM
-    from moekit.server.launch import serve
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = args.model or _default_model()
-    if not Path(model).is_dir():
-        raise UsageError(f"--model {model!r}: no such checkpoint folder")
-    t0 = time.perf_counter()
-    lm = CausalLM.from_pretrained(model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
-                                  progress=True)
-    print(f"loaded {model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    serve(lm, args.served_model_name or ("moekit-default" if not args.model else Path(model).name), args.host,
-          args.port, args.api_key, args.max_num_seqs, args.max_num_batched_tokens,
-          None if args.kv_memory is None else int(args.kv_memory * 2**30), args.max_model_len)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -359,21 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
     _model_flags(chat)
     chat.set_defaults(func=cmd_chat)
+    from moekit.server import command as serve_command
+
     sv = sub.add_parser("serve", help="OpenAI-compatible server and web chat page")
-    sv.add_argument("--model", help="checkpoint folder (default: the embedded demo model)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=_positive_int, default=8000)
-    sv.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 and the tokenizer endpoints")
-    sv.add_argument("--served-model-name", help="the model id clients ask for (default: the folder's name)")
-    sv.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests running at once")
-    sv.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="tokens per engine step")
-    sv.add_argument("--kv-memory", type=float, help="KV-cache pool in GiB (default: 1/4 of RAM at most)")
-    sv.add_argument("--max-model-len", type=_positive_int, help="context length to serve (<= the model's)")
-    sv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
-    sv.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
-    sv.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
-    sv.add_argument("--chat-format", help="override the checkpoint's chat format")
-    sv.set_defaults(func=cmd_serve)
+    serve_command.add_arguments(sv)
+    sv.set_defaults(func=serve_command.main)
 
     tr = sub.add_parser("train", help="pretrain, continue pretraining or fine-tune from a YAML run file")
     tr.add_argument("config", help="run file (see recipes/)")

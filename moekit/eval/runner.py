@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+from moekit.cliargs import count, positive_int
 from moekit.errors import MoekitError
 
 BUILTIN = Path(__file__).resolve().parent / "builtin"
@@ -24,16 +25,6 @@ def builtin_tasks() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BUILTIN.glob("*.yaml"))}
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded demo model)")
     p.add_argument("--tasks", default="", help=f"comma-separated built-in tasks ({', '.join(builtin_tasks())}) "
@@ -42,14 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="[SPLIT=]FILE",
                    help="local jsonl/json/csv/parquet/arrow file for a split of the one task given "
                         "(default split: the task's test split; repeatable)")
-    p.add_argument("--limit", type=_count, help="score only the first N documents of each task")
-    p.add_argument("--num-fewshot", type=_count, help="override every task's number of few-shot examples")
+    p.add_argument("--limit", type=count, help="score only the first N documents of each task")
+    p.add_argument("--num-fewshot", type=count, help="override every task's number of few-shot examples")
     p.add_argument("--seed", type=int, help="override every task's few-shot sampling seed")
-    p.add_argument("--max-num-seqs", "--batch", type=_count, default=64, help="requests the engine runs at once")
-    p.add_argument("--max-num-batched-tokens", type=_count, default=512, help="tokens per engine step")
+    p.add_argument("--max-num-seqs", "--batch", type=positive_int, default=64, help="requests the engine runs at once")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per engine step")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="weights dtype")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
-    p.add_argument("--threads", type=_count, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--out", help="folder for results.json, results.md and per-task samples_<task>.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -1,0 +1,41 @@
+"""What every ``moekit`` subcommand's arguments share: argparse types, the one-line usage error, the default model."""
+
+from __future__ import annotations
+
+import argparse
+
+from moekit.errors import MoekitError
+
+
+class UsageError(MoekitError):
+    """A command-line problem that deserves one line, not a traceback."""
+
+
+def _integer_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a positive integer' if low == 1 else 'an integer >= 0'}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: an integer >= 1."""
+    return _integer_at_least(text, 1)
+
+
+def count(text: str) -> int:
+    """argparse type for counts that may be zero (--limit, --num-fewshot): an integer >= 0."""
+    return _integer_at_least(text, 0)
+
+
+def default_model() -> str:
+    """The embedded default model's folder (moekit/assets/default)."""
+    from moekit.assets import default_model_path
+
+    try:
+        return str(default_model_path())
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
