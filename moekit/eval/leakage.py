@@ -53,34 +53,13 @@ def label_index(pieces: list[str]) -> int | None:
     return None
 
 
-def _records(path: Path) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoekitError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoekitError(f"{path}: cannot be read as UTF-8 text ({e})") from None
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoekitError(f"{path}: not valid JSON ({e})") from None
-        return rows
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise MoekitError(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
-
-
 def load_questions(path, limit: int | None = None) -> list[tuple[str, list[str]]]:
     """[(question, options)] from a JSON list or JSONL of ``{"question", "option": {"A": .., ...}}``
     (the reference's format) or ``{"question", "choices": [...]}`` (MMLU's)."""
     path = Path(path)
-    rows = _records(path)
+    from moekit.eval.taskdata import read_json_records
+
+    rows = read_json_records(path)
     if not rows:
         raise MoekitError(f"{path}: no questions")
     out = []

@@ -124,15 +124,34 @@ def _csv(path: Path) -> list[dict]:
         return [{k: cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _json(path: Path, name: str) -> list[dict]:
+def read_json_records(path: Path, name: str | None = None) -> list:
+    """A JSON list, or JSON lines (``.gz`` too); errors name the file (``name``) and, for JSON lines, the line."""
+    name = name or str(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
     try:
-        rows = json.loads(text) if text.lstrip()[:1] == "[" else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as e:
-        raise MoekitError(f"{name}: not valid JSON lines ({e})") from None
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise MoekitError(f"{name}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoekitError(f"{name}: cannot be read as UTF-8 text ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MoekitError(f"{name}: not valid JSON ({e})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MoekitError(f"{name}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def _json(path: Path, name: str) -> list[dict]:
+    rows = read_json_records(path, name)
     if rows and all(isinstance(r, dict) and "request_type" in r and "doc" in r for r in rows):
         docs = {}
         for r in rows:  # oe-eval requests: several per document
