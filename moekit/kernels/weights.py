@@ -1,0 +1,183 @@
+"""Typed weights of the kernel interface: a matrix (or a stack of them) in one storage format,
+and the experts of an MoE layer as one object.
+
+Shape legend: N output rows, K input columns, G = K / group scale groups per row; any leading
+dims (E experts) come first. Tokens: T tokens, D model width, F expert width.
+
+A weight is a plain floating-point tensor [..., N, K] or a :class:`QuantWeight`:
+
+- ``int8``: ``data`` int8 [..., N, K] and ``scale`` float16 [..., N, G]:
+  w[n, k] = data[n, k] * scale[n, k // group]. ``group`` = K is one scale per output channel
+  (``moekit quantize --bits 8``); 32 is GGUF's Q8_0.
+- ``int4``: ``data`` uint8 [..., N, K / 2]; each 32-column block of a row takes 16 bytes and
+  byte j holds column j of the block in its low nibble and column j + 16 in its high nibble,
+  each stored as q + 8 with q in [-8, 7] (GGUF's Q4_0 layout); ``scale`` float16 [..., N, G]
+  with group 32, 64 or 128.
+
+Quantisation is symmetric and round-to-nearest: scale = max|w| / qmax over a group (qmax 127
+or 7), stored in float16 rounded up so that no value clips. :meth:`QuantWeight.dequantize` is
+the numerical spec every kernel is tested against. docs/quantization.md has the file layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FORMATS = {"int8": 127, "int4": 7}  # format -> qmax
+INT4_GROUPS = (32, 64, 128)
+BLOCK = 32  # int4 nibble-interleave block (columns)
+
+
+def check_format(fmt: str, K: int, group: int) -> None:
+    """Raise ValueError naming the problem if a [.., N, K] weight cannot be stored as ``fmt`` with ``group``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+    if group < 1 or K % group:
+        raise ValueError(f"group size {group} does not divide the {K} input columns")
+    if fmt == "int4" and group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size {group} is not supported; use one of {INT4_GROUPS}")
+    if fmt == "int8" and group != K and group % BLOCK:
+        raise ValueError(f"int8 group size {group}: use the whole row ({K}) or a multiple of {BLOCK}")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7] of shape [..., K] (K a multiple of 32) -> uint8 [..., K / 2] (Q4_0 layout)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8).unflatten(-1, (-1, 2, BLOCK // 2))  # [.., blocks, half, 16]
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).flatten(-2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K / 2] (Q4_0 layout) -> int8 values in [-8, 7] of shape [..., K]."""
+    b = packed.unflatten(-1, (-1, BLOCK // 2))
+    q = torch.stack((b & 0xF, b >> 4), dim=-2).to(torch.int8) - 8  # [.., blocks, half, 16]
+    return q.flatten(-3)
+
+
+def _scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """float16 scales >= absmax / qmax (rounded up, so no value clips); 1 for all-zero groups."""
+    s = absmax.float() / qmax
+    s16 = s.to(torch.float16)
+    low = s16.float() < s
+    s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16)
+    return torch.where(absmax > 0, s16, torch.ones_like(s16))
+
+
+class QuantWeight(nn.Module):
+    """A weight [..., N, K] stored as ``int8`` or ``int4`` with float16 group scales (see module doc).
+
+    A module, so that ``.to(device)``, ``state_dict`` and meta-device materialisation carry its
+    two buffers; ``.to(dtype)`` never changes them (the storage format is fixed at quantisation).
+    """
+
+    def __init__(self, fmt: str, shape, group: int | None = None, device=None):
+        super().__init__()
+        *lead, N, K = shape
+        group = K if group is None else group
+        check_format(fmt, K, group)
+        self.format, self.group, self.shape = fmt, group, torch.Size(shape)
+        cols, kind = (K, torch.int8) if fmt == "int8" else (K // 2, torch.uint8)
+        self.register_buffer("data", torch.zeros(*lead, N, cols, dtype=kind, device=device))
+        self.register_buffer("scale", torch.ones(*lead, N, K // group, dtype=torch.float16, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def quantize(cls, w: torch.Tensor, fmt: str, group: int | None = None) -> QuantWeight:
+        """Round-to-nearest symmetric quantisation of a floating-point weight [..., N, K]."""
+        out = cls(fmt, w.shape, group, device="meta")
+        qmax = FORMATS[fmt]
+        g = w.detach().float().unflatten(-1, (-1, out.group))  # [.., N, G, group]
+        scale = _scales(g.abs().amax(-1), qmax)
+        q = torch.round(g / scale.float()[..., None]).clamp_(-qmax - (fmt == "int4"), qmax).flatten(-2)
+        out.data = q.to(torch.int8) if fmt == "int8" else pack_int4(q)
+        out.scale = scale
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def values(self) -> torch.Tensor:
+        """The integer values q [..., N, K] as int8."""
+        return self.data if self.format == "int8" else unpack_int4(self.data)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [..., N, K] in ``dtype``: q * scale, computed in float32."""
+        s = self.scale.float().repeat_interleave(self.group, dim=-1)
+        return (self.values().float() * s).to(dtype)
+
+    def rows(self, start: int, stop: int, name: str) -> dict[str, torch.Tensor]:
+        """Views of rows [start, stop) of the last matrix dims: {name: data, name_scale: scale}."""
+        return {name: self.data[..., start:stop, :], f"{name}_scale": self.scale[..., start:stop, :]}
+
+    def columns(self, index: int, width: int, name: str) -> dict[str, torch.Tensor]:
+        """Views of matrix ``index`` (leading dim) limited to its first ``width`` columns."""
+        if width % self.group and width != self.shape[-1]:
+            raise ValueError(f"{name}: a width of {width} columns does not end on a group of {self.group}")
+        cols = width if self.format == "int8" else width // 2
+        return {name: self.data[index, :, :cols], f"{name}_scale": self.scale[index, :, :-(-width // self.group)]}
+
+    def _apply(self, fn, recurse=True):
+        fmt = (self.data.dtype, self.scale.dtype)
+        super()._apply(fn, recurse)
+        if (self.data.dtype, self.scale.dtype) != fmt:  # model.to(dtype): the storage format stays
+            self.data, self.scale = self.data.to(fmt[0]), self.scale.to(fmt[1])
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.format}, shape={list(self.shape)}, group={self.group}"
+
+
+Weight = torch.Tensor | QuantWeight
+
+
+def dense(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A weight as a floating-point tensor (dequantised if stored quantised; ``dtype`` for that case)."""
+    if isinstance(w, QuantWeight):
+        return w.dequantize(dtype or torch.float32)
+    return w
+
+
+def quantized(*ws) -> bool:
+    """Whether any of these weights is stored quantised."""
+    return any(isinstance(w, QuantWeight) for w in ws)
+
+
+def row_views(w: Weight, start: int, stop: int, name: str) -> dict[str, torch.Tensor]:
+    """Checkpoint views of rows [start, stop) of a weight (data and scale when quantised)."""
+    if isinstance(w, QuantWeight):
+        return w.rows(start, stop, name)
+    return {name: w[..., start:stop, :]}
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeights:
+    """What ``moe_experts`` computes with: routed experts plus an optional always-on shared expert.
+
+    w13 [E, 2F, D] stacks each expert's gate rows then up rows; w2 [E, D, F] is the down
+    projection; either may be a :class:`QuantWeight`. The shared expert (w13 [2Fs, D], w2 [D, Fs])
+    is added with weight ``shared_gate_T[t]`` (1 when None).
+    """
+
+    w13: Weight
+    w2: Weight
+    shared_w13: Weight | None = None
+    shared_w2: Weight | None = None
+    shared_gate_T: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def has_shared(self) -> bool:
+        return self.shared_w13 is not None
+
+    def tensors(self) -> tuple:
+        """The weights present (routed, then shared)."""
+        return (self.w13, self.w2) + ((self.shared_w13, self.shared_w2) if self.has_shared else ())
+
+    def is_quantized(self) -> bool:
+        return quantized(*self.tensors())
