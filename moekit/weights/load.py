@@ -152,6 +152,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     Raises :class:`CheckpointError` naming the file and tensor for missing, unexpected,
     mis-shaped, integer or non-finite tensors, bad config fields and unsafe pickles.
     """
+    if str(path).endswith(".gguf"):  # a llama.cpp file: moekit/weights/gguf_import.py
+        from moekit.weights.gguf_import import load_gguf
+
+        return load_gguf(path, dtype=dtype, device=device, kernels=kernels, progress=progress)
     folder = Path(path)
     cfg, family, files, wmap = read_config(folder)
     hf = cfg.extra
