@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE))
 import moekit  # noqa: E402
 from moekit.engine import SamplingParams  # noqa: E402
 from moekit.kernels import get_backend  # noqa: E402
+from moekit.kernels.weights import ExpertWeights  # noqa: E402
 
 
 def decode_rate(engine, rounds: int = 3) -> float:
@@ -81,7 +82,7 @@ def main() -> None:
 
     def moe():
         a = next(turn) % (E // 2)
-        k.moe_experts(x, w13, w2, torch.tensor([[2 * a, 2 * a + 1]]), torch.tensor([[0.5, 0.5]]))
+        k.moe_experts(x, ExpertWeights(w13, w2), torch.tensor([[2 * a, 2 * a + 1]]), torch.tensor([[0.5, 0.5]]))
 
     moe_gbs = 2 * 3 * D * F * 2 / (median_us(moe, 50) * 1e-6) / 1e9
     a = torch.randn(64 << 20)  # 256 MB, written so its pages are real

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moekit.kernels import cpu, reference
+from moekit.kernels.weights import ExpertWeights
 
 pytestmark = pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need an x86-64 CPU with AVX-512")
 
@@ -54,6 +55,11 @@ def test_linear(dtype, T, D, N, monkeypatch, kern):
     assert got.dtype == dtype and rel(got, torch.nn.functional.linear(x.double(), w.double(), b.double())) < TOL[dtype]
 
 
+def experts(w13, w2, shared=None):
+    """ExpertWeights from stacks and an optional (w13, w2, gate) shared expert."""
+    return ExpertWeights(w13, w2, *(shared or ()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, D, E, K, F, shared, gated", [
     (1, 64, 8, 2, 32, 0, False), (3, 100, 6, 3, 40, 24, False), (8, 256, 16, 6, 48, 64, True),
@@ -70,10 +76,10 @@ def test_moe_experts(dtype, T, D, E, K, F, shared, gated, gemm, monkeypatch):
     if shared:
         gate = torch.rand(T, generator=g) if gated else None
         sh = (rnd(2 * shared, D, dtype=dtype, scale=0.1), rnd(D, shared, dtype=dtype, scale=0.1), gate)
-    want = reference.moe_experts(x.double(), w13.double(), w2.double(), ids, w.double(),
-                                 None if sh is None else (sh[0].double(), sh[1].double(), sh[2]))
+    want = reference.moe_experts(x.double(), experts(w13.double(), w2.double(), sh and (sh[0].double(), sh[1].double(),
+                                                                                          sh[2])), ids, w.double())
     with no_fallback(monkeypatch, "moe_experts", "mlp"):
-        got = kern.moe_experts(x, w13, w2, ids, w, sh)
+        got = kern.moe_experts(x, experts(w13, w2, sh), ids, w)
     assert got.dtype == dtype and rel(got, want) < TOL[dtype]
 
 
@@ -87,10 +93,10 @@ def test_moe_is_deterministic_and_handles_padded_experts(monkeypatch, kern):
     x = rnd(5, 48, dtype=torch.bfloat16)
     w, ids = reference.route(torch.randn(5, 3, generator=g), 2)
     with no_fallback(monkeypatch, "moe_experts"), torch.no_grad():
-        a, b = kern.moe_experts(x, ex.w13, ex.w2, ids, w), kern.moe_experts(x, ex.w13, ex.w2, ids, w)
+        a, b = kern.moe_experts(x, experts(ex.w13, ex.w2), ids, w), kern.moe_experts(x, experts(ex.w13, ex.w2), ids, w)
     assert torch.equal(a, b)
     with torch.no_grad():
-        want = reference.moe_experts(x.double(), ex.w13.double(), ex.w2.double(), ids, w.double())
+        want = reference.moe_experts(x.double(), experts(ex.w13.double(), ex.w2.double()), ids, w.double())
     assert rel(a, want) < TOL[torch.bfloat16]
 
 

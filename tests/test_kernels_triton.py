@@ -29,6 +29,7 @@ from moekit.kernels.triton import align as align_mod
 from moekit.kernels.triton import routing
 from moekit.kernels.triton.interpret import numpy_compat
 from moekit.kernels.triton.moe import fused_moe
+from moekit.kernels.weights import ExpertWeights
 
 DEV = "cuda" if GPU else "cpu"
 
@@ -153,10 +154,15 @@ def moe_case(T, D, F, E, K, Fs, gated, dtype, skew=False):
     return x, w13, w2, ids, w, shared
 
 
+def ref_moe(x, w13, w2, ids, w, shared=None):
+    """The reference experts over a case's stacks and optional (w13, w2, gate) shared expert."""
+    return reference.moe_experts(x, ExpertWeights(w13, w2, *(shared or ())), ids, w)
+
+
 def truth_of(x, w13, w2, ids, w, shared):
     d = lambda t: None if t is None else t.double()
     sh = None if shared is None else tuple(d(t) for t in shared)
-    return reference.moe_experts(d(x), d(w13), d(w2), ids, w.double(), sh)
+    return ref_moe(d(x), d(w13), d(w2), ids, w.double(), sh)
 
 
 MOE_CASES = [  # T, D, F, E, K, Fs, gated, skew, paths
@@ -172,7 +178,7 @@ def test_fused_moe(T, D, F, E, K, Fs, gated, skew, dtype, path):
     case = moe_case(T, D, F, E, K, Fs, gated, dtype, skew)
     got = fused_moe(*case, path=path)
     assert got.dtype == dtype and got.shape == (T, D)
-    assert_as_good(got, reference.moe_experts(*case), truth_of(*case), dtype)
+    assert_as_good(got, ref_moe(*case), truth_of(*case), dtype)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
@@ -249,7 +255,7 @@ def test_backend_selection_and_fallbacks():
     x = rnd(3, 32).requires_grad_()  # autograd: the reference path, so gradients flow
     w13, w2 = rnd(4, 32, 32, scale=0.2), rnd(4, 32, 16, scale=0.2)
     w, ids = reference.route(rnd(3, 4), 2)
-    tk.moe_experts(x, w13, w2, ids, w).sum().backward()
+    tk.moe_experts(x, ExpertWeights(w13, w2), ids, w).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
@@ -300,7 +306,7 @@ def test_fused_moe_full_shapes(shape):
     for T in (1, 4, 16, 17, 300, 2048):
         case = (x[:T], w13, w2, ids[:T], w[:T], None if shared is None else
                 (shared[0], shared[1], None if shared[2] is None else shared[2][:T]))
-        truth, ref = truth_of(*case), reference.moe_experts(*case)
+        truth, ref = truth_of(*case), ref_moe(*case)
         for path in ("decode", "grouped") if T <= 64 else ("grouped",):
             assert_as_good(fused_moe(*case, path=path), ref, truth, torch.bfloat16)
 

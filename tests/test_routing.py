@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.kernels.reference import moe_experts
+from moekit.kernels.weights import ExpertWeights
 from moekit.kernels.reference import route
 from moekit.models.moe import Experts
 
@@ -78,7 +79,7 @@ def test_reference_kernel_matches_dense_oracle(T, E, seed):
     logits = torch.randn(T, E, generator=g, dtype=torch.float64)
     logits[:, 0] -= 100  # expert 0 never chosen unless k == E: zero-token experts are exercised
     w, ids = route(logits, k)
-    got = moe_experts(x, w13, w2, ids, w.double())
+    got = moe_experts(x, ExpertWeights(w13, w2), ids, w.double())
     torch.testing.assert_close(got, dense_moe(x, w13, w2, ids, w.double()))
 
 
@@ -92,7 +93,7 @@ def test_padded_experts_equal_separate_mlps():
     x = torch.randn(9, D, generator=g, dtype=torch.float64)
     ids = torch.tensor([[0, 1], [1, 2], [2, 0]] * 3)
     w = torch.rand(9, 2, generator=g, dtype=torch.float64)
-    got = moe_experts(x, ex.w13, ex.w2, ids, w)
+    got = moe_experts(x, ExpertWeights(ex.w13, ex.w2), ids, w)
     views = ex.views()
     want = torch.zeros_like(x)
     for t in range(9):

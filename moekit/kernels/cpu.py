@@ -31,6 +31,7 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.kernels import reference
+from moekit.kernels.weights import ExpertWeights, Weight, quantized
 from moekit.machine import OtherLoad, cpu_info
 
 SOURCES = Path(__file__).with_name("cpu")
@@ -208,8 +209,10 @@ class CpuKernels:
                           stacklevel=3)
         return getattr(reference, op)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
+        if quantized(w):
+            return self._fallback("linear", "quantised weights (no low-bit CPU kernel yet)")(x, w, b)
         if x2.shape[0] > MAX_TOKENS:  # by design: ATen's GEMM (AMX where there is one)
             return reference.linear(x, w, b)
         why = _unfit(x2, w, *(() if b is None else (b,))) or (None if w.is_contiguous() else "non-contiguous weight")
@@ -222,7 +225,9 @@ class CpuKernels:
             return self.ext.silu_mul(h.contiguous())
         return reference.silu_mul(h)
 
-    def mlp(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
+        if quantized(w13, w2):
+            return self._fallback("mlp", "quantised weights (no low-bit CPU kernel yet)")(x, w13, w2)
         if x.shape[0] > MAX_TOKENS:
             return reference.mlp(x, w13, w2, act=self.silu_mul)
         why = _unfit(x, w13, w2) or (None if w13.is_contiguous() and w2.is_contiguous() else "non-contiguous weight")
@@ -230,17 +235,18 @@ class CpuKernels:
             return self._fallback("mlp", why)(x, w13, w2)
         return self.ext.mlp(x.contiguous(), w13, w2)
 
-    def moe_experts(self, x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch.Tensor:
-        tensors = (x_TD, w13_EFD, w2_EDF) + (() if shared is None else tuple(shared[:2]))
-        why = _unfit(*tensors) or (None if all(t.is_contiguous() for t in tensors[1:]) else "non-contiguous weight")
+    def moe_experts(self, x_TD, experts: ExpertWeights, ids_TK, weights_TK) -> torch.Tensor:
+        tensors = experts.tensors()
+        why = (("quantised weights (no low-bit CPU kernel yet)" if experts.is_quantized() else None)
+               or _unfit(x_TD, *tensors) or (None if all(t.is_contiguous() for t in tensors) else "non-contiguous weight"))
         if why:
-            return self._fallback("moe_experts", why)(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared)
-        s13, s2, gate = shared if shared is not None else (None, None, None)
+            return self._fallback("moe_experts", why)(x_TD, experts, ids_TK, weights_TK)
+        gate = experts.shared_gate_T
         out = []
         for t0 in range(0, x_TD.shape[0], MOE_CHUNK):
             part = slice(t0, t0 + MOE_CHUNK)
-            out.append(self.ext.moe(x_TD[part].contiguous(), w13_EFD, w2_EDF, ids_TK[part].contiguous(),
-                                    weights_TK[part].float().contiguous(), s13, s2,
+            out.append(self.ext.moe(x_TD[part].contiguous(), experts.w13, experts.w2, ids_TK[part].contiguous(),
+                                    weights_TK[part].float().contiguous(), experts.shared_w13, experts.shared_w2,
                                     None if gate is None else gate[part].float().contiguous(), aten=self.aten))
         return out[0] if len(out) == 1 else torch.cat(out)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moekit.kernels.weights import ExpertWeights, QuantWeight, Weight, dense
+
 
 def silu_mul(h_TF2: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for rows [gate | up]."""
@@ -47,49 +49,59 @@ def capacity_drop(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: i
     return weights_TK * keep, int((~keep).sum())
 
 
-def moe_experts(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, ids_TK: torch.Tensor,
-                weights_TK: torch.Tensor, shared=None, act=silu_mul) -> torch.Tensor:
+def moe_experts(x_TD: torch.Tensor, experts: ExpertWeights, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                act=silu_mul) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) (+ shared), computing only the selected experts.
 
-    ``w13_EFD`` stacks each expert's gate rows then up rows ([E, 2F, D]); ``w2_EDF`` is the
-    down projection. Tokens are grouped by expert with one stable sort, so each selected
-    expert runs one matmul over all of its tokens; nothing is copied per token.
-    ``shared``: optional (w13 [2Fs, D], w2 [D, Fs], gate_T or None), an always-on expert
-    added with weight ``gate_T[t]`` (1 when None).
+    ``experts.w13`` [E, 2F, D] stacks each expert's gate rows then up rows; ``experts.w2`` [E, D, F]
+    is the down projection (quantised weights are dequantised, expert by expert: the spec of the
+    low-bit kernels). Tokens are grouped by expert with one stable sort, so each selected expert
+    runs one matmul over all of its tokens; nothing is copied per token. The shared expert, if
+    any, is added with weight ``experts.shared_gate_T[t]`` (1 when None).
     """
     weights_TK = weights_TK.to(x_TD.dtype)
     T, K = ids_TK.shape
-    E, F2, _ = w13_EFD.shape
+    E = experts.num_experts
     flat_ids = ids_TK.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=E).tolist()
     token_of = order // K
     w_flat = weights_TK.reshape(-1)
     y_TD = torch.zeros_like(x_TD)
-    w13s, w2s = w13_EFD.unbind(0), w2_EDF.unbind(0)  # one backward stack, not a zero-filled [E, ...] per expert
+    w13s, w2s = _unbind(experts.w13), _unbind(experts.w2)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         rows = token_of[start:start + n]
-        out = F.linear(act(F.linear(x_TD[rows], w13s[e])), w2s[e])
+        out = F.linear(act(F.linear(x_TD[rows], _expert(w13s, e, x_TD.dtype))), _expert(w2s, e, x_TD.dtype))
         y_TD.index_add_(0, rows, (out * w_flat[order[start:start + n], None]).to(y_TD.dtype))
         start += n
-    if shared is not None:
-        w13_s, w2_s, gate_T = shared
-        s_TD = mlp(x_TD, w13_s, w2_s, act)
+    if experts.has_shared:
+        s_TD = mlp(x_TD, experts.shared_w13, experts.shared_w2, act)
+        gate_T = experts.shared_gate_T
         y_TD = y_TD + (s_TD if gate_T is None else gate_T.to(s_TD.dtype)[:, None] * s_TD)
     return y_TD
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b)."""
-    return F.linear(x, w, b)
+def _unbind(w: Weight):
+    """A stack's per-expert slices (one backward stack, not a zero-filled [E, ...] per expert); a
+    quantised stack as is (see :func:`_expert`)."""
+    return w if isinstance(w, QuantWeight) else w.unbind(0)
 
 
-def mlp(x_TD: torch.Tensor, w13_FD: torch.Tensor, w2_DF: torch.Tensor, act=silu_mul) -> torch.Tensor:
+def _expert(ws, e: int, dtype: torch.dtype) -> torch.Tensor:
+    return ws.dequantize(dtype, index=e) if isinstance(ws, QuantWeight) else ws[e]
+
+
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b); a quantised W is dequantised first."""
+    return F.linear(x, dense(w, x.dtype), b)
+
+
+def mlp(x_TD: torch.Tensor, w13_FD: Weight, w2_DF: Weight, act=silu_mul) -> torch.Tensor:
     """SwiGLU: down(silu(gate x) * up x), gate and up stacked in ``w13`` [2F, D]."""
-    return F.linear(act(F.linear(x_TD, w13_FD)), w2_DF)
+    return F.linear(act(F.linear(x_TD, dense(w13_FD, x_TD.dtype))), dense(w2_DF, x_TD.dtype))
 
 
 def rotary(x_BNTA: torch.Tensor, cos_BTA: torch.Tensor, sin_BTA: torch.Tensor) -> torch.Tensor:

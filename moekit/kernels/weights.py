@@ -103,10 +103,12 @@ class QuantWeight(nn.Module):
         """The integer values q [..., N, K] as int8."""
         return self.data if self.format == "int8" else unpack_int4(self.data)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [..., N, K] in ``dtype``: q * scale, computed in float32."""
-        s = self.scale.float().repeat_interleave(self.group, dim=-1)
-        return (self.values().float() * s).to(dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
+        """The weight [..., N, K] in ``dtype`` (``index``: only that matrix of the leading dim):
+        q * scale, computed in float32."""
+        data, scale = (self.data, self.scale) if index is None else (self.data[index], self.scale[index])
+        q = data if self.format == "int8" else unpack_int4(data)
+        return (q.float() * scale.float().repeat_interleave(self.group, dim=-1)).to(dtype)
 
     def rows(self, start: int, stop: int, name: str) -> dict[str, torch.Tensor]:
         """Views of rows [start, stop) of the last matrix dims: {name: data, name_scale: scale}."""

@@ -15,6 +15,7 @@ from torch import nn
 from moekit.config import ModelConfig, MoEConfig
 from moekit.kernels import get_backend
 from moekit.kernels.reference import capacity_drop
+from moekit.kernels.weights import ExpertWeights
 from moekit.models.layers import MLP
 
 
@@ -138,10 +139,10 @@ class MoE(nn.Module):
             self.sink.append(r)
         if self.scale != 1.0:
             w_TK = w_TK * self.scale
-        shared = None
+        experts = ExpertWeights(self.experts.w13, self.experts.w2)
         if self.shared is not None:
             gate_T = None if self.shared_gate is None else torch.sigmoid(
                 self.kernels.linear(x_TD, self.shared_gate.weight)).view(-1)
-            shared = (self.shared.w13, self.shared.w2, gate_T)
-        y_TD = self.kernels.moe_experts(x_TD, self.experts.w13, self.experts.w2, r.ids_TK, w_TK, shared)
+            experts = ExpertWeights(self.experts.w13, self.experts.w2, self.shared.w13, self.shared.w2, gate_T)
+        y_TD = self.kernels.moe_experts(x_TD, experts, r.ids_TK, w_TK)
         return y_TD.view(B, T, D)

@@ -22,6 +22,7 @@ from torch import nn
 
 from moekit.config import ConfigError
 from moekit.kernels import reference
+from moekit.kernels.weights import ExpertWeights
 from moekit.models.moe import MoE
 
 
@@ -113,10 +114,10 @@ class ExpertParallel:
     def __getattr__(self, name):
         return getattr(self.base, name)
 
-    def moe_experts(self, x_TD, w13, w2, ids_TK, weights_TK, shared=None, act=reference.silu_mul):
+    def moe_experts(self, x_TD, experts: ExpertWeights, ids_TK, weights_TK, act=reference.silu_mul):
         """Dispatch each (token, slot) to the rank owning its expert, compute there, bring results back."""
         group, El = self.d.ep_group, self.local
-        w13_l, w2_l = w13.to_local().unbind(0), w2.to_local().unbind(0)  # cheap backward (one stack)
+        w13_l, w2_l = experts.w13.to_local().unbind(0), experts.w2.to_local().unbind(0)  # cheap backward (one stack)
         T, K = ids_TK.shape
         flat = ids_TK.reshape(-1)
         order = torch.argsort(flat, stable=True)  # grouped by expert, hence by destination rank
@@ -136,9 +137,9 @@ class ExpertParallel:
         y_out = _a2a(y_in, recv_l, send_l, group, grad)
         w = weights_TK.reshape(-1)[order].to(x_TD.dtype)
         y_TD = torch.zeros_like(x_TD).index_add(0, tok, y_out * w[:, None])
-        if shared is not None:
-            w13_s, w2_s, gate_T = shared
-            s_TD = reference.mlp(x_TD, w13_s, w2_s, act)
+        if experts.has_shared:
+            gate_T = experts.shared_gate_T
+            s_TD = reference.mlp(x_TD, experts.shared_w13, experts.shared_w2, act)
             y_TD = y_TD + (s_TD if gate_T is None else gate_T.to(s_TD.dtype)[:, None] * s_TD)
         return y_TD
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from moekit.kernels import reference
+from moekit.kernels.weights import ExpertWeights
 from moekit.kernels.triton import elementwise, paged, routing
 from moekit.kernels.triton.interpret import interpreted
 from moekit.kernels.triton.moe import fused_moe
@@ -39,7 +40,7 @@ def _applies(*ts: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return reference.linear(x, w, b)
 
 
@@ -51,11 +52,13 @@ def mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return reference.mlp(x, w13, w2, act=silu_mul)
 
 
-def moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared=None) -> torch.Tensor:
-    tensors = (x_TD, w13_EFD, w2_EDF) + (() if shared is None else tuple(shared[:2]))
-    if not (_applies(*tensors) and x_TD.dim() == 2 and ids_TK.device == x_TD.device):
-        return reference.moe_experts(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared, act=silu_mul)
-    return fused_moe(x_TD, w13_EFD, w2_EDF, ids_TK, weights_TK, shared)
+def moe_experts(x_TD, experts: ExpertWeights, ids_TK, weights_TK) -> torch.Tensor:
+    """The fused Triton MoE for plain CUDA weights; quantised weights take the reference path."""
+    if experts.is_quantized() or not (_applies(x_TD, *experts.tensors()) and x_TD.dim() == 2
+                                      and ids_TK.device == x_TD.device):
+        return reference.moe_experts(x_TD, experts, ids_TK, weights_TK, act=silu_mul)
+    shared = (experts.shared_w13, experts.shared_w2, experts.shared_gate_T) if experts.has_shared else None
+    return fused_moe(x_TD, experts.w13, experts.w2, ids_TK, weights_TK, shared)
 
 
 def route(logits_TE, k, score_func="softmax", renormalize=True, eps=0.0, bias_E=None):
