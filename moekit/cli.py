@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from moekit.cliargs import UsageError, default_model, positive_int
+from moekit.cliargs import UsageError, default_model, positive_int, quant_flags
 from moekit.errors import MoekitError
 from moekit.weights.io import CheckpointError
 
@@ -95,6 +95,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded demo model, docs/default-model.md)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
+    quant_flags(p)
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--chat-format", help="override the chat format (xverse-moe, chatml, orion, vicuna, deepseek)")
     p.add_argument("--system", help="system message for chat formatting")
@@ -128,7 +129,7 @@ def _load(args: argparse.Namespace):
         raise UsageError(f"--model {args.model!r}: no such checkpoint folder")
     t0 = time.perf_counter()
     lm = CausalLM.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
-                                  progress=True)
+                                  progress=True, quantize=args.quantize, group=args.group)
     print(f"loaded {args.model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) "
           f"in {time.perf_counter() - t0:.1f} s; {lm.model.kernels.describe()[0]} (moekit info --kernels)",
           file=sys.stderr)
@@ -349,9 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--windows", type=int, default=64, help="calibration windows at most")
     up.add_argument("--seed", type=int, default=0)
     up.set_defaults(func=cmd_upcycle)
+    from moekit.weights import quantize_cli
+
+    qz = sub.add_parser("quantize", help="int8 / int4 weights: a checkpoint in, a quantised checkpoint out")
+    quantize_cli.add_arguments(qz)
+    qz.set_defaults(func=quantize_cli.main)
     from moekit.eval import cli as eval_cli  # eval, leakage, route-stats: each module brings its own arguments
 
     eval_cli.register(sub)
+    from moekit.weights import export_command  # moekit export --format gguf
+
+    export_command.register(sub)
     return p
 
 

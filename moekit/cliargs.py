@@ -31,6 +31,12 @@ def count(text: str) -> int:
     return _integer_at_least(text, 0)
 
 
+def quant_flags(p) -> None:
+    """--quantize / --group: quantise a floating-point checkpoint's matrices when loading it."""
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantise the weights at load time (docs/quantization.md)")
+    p.add_argument("--group", type=positive_int, help="with --quantize: input columns per scale (int4: 32/64/128)")
+
+
 def default_model() -> str:
     """The embedded default model's folder (moekit/assets/default)."""
     from moekit.assets import default_model_path

@@ -60,11 +60,15 @@ class CausalLM:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device: str = "cpu", kernels: str = "auto",
-                        chat_format: str | None = None, progress: bool | None = None) -> CausalLM:
+                        chat_format: str | None = None, progress: bool | None = None, quantize: str | None = None,
+                        group: int | None = None) -> CausalLM:
+        """Model, tokenizer and generation defaults of a checkpoint folder (``quantize``: ``int8`` /
+        ``int4`` weights at load time, see :func:`moekit.load`)."""
         from moekit.weights import load
 
         path = Path(path)
-        model = load(path, dtype=dtype, device=device, kernels=kernels, progress=progress)
+        model = load(path, dtype=dtype, device=device, kernels=kernels, progress=progress, quantize=quantize,
+                     group=group)
         gen_file = path / "generation_config.json"
         try:
             gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.exists() else {}

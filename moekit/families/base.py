@@ -14,6 +14,7 @@ from typing import Callable
 
 from moekit.config import ConfigError, ModelConfig, RopeScaling
 
+SCALE = "_scale"  # suffix of a quantised weight's scale tensor (docs/quantization.md)
 PLACEHOLDERS = {"i": r"\d+", "e": r"\d+", "p": "gate|up|down", "a": "q|k|v|o", "w": "weight|bias"}
 
 # moekit name -> Hugging Face name, shared by every LLaMA-lineage family.
@@ -46,12 +47,20 @@ class NameMap:
         for src_re, dst, _, _ in self.rules:
             if m := src_re.fullmatch(name):
                 return dst.format(**m.groupdict())
-        return None
+        return self._scale(name, self.to_hf)
 
     def from_hf(self, name: str) -> str | None:
         for _, _, dst_re, src in self.rules:
             if m := dst_re.fullmatch(name):
                 return src.format(**m.groupdict())
+        return self._scale(name, self.from_hf)
+
+    @staticmethod
+    def _scale(name: str, translate) -> str | None:
+        """A quantised weight's scales sit beside it: ``<weight's name>_scale`` in both namings."""
+        if name.endswith(SCALE):
+            base = translate(name.removesuffix(SCALE))
+            return None if base is None else base + SCALE
         return None
 
 

@@ -65,6 +65,15 @@ def _scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.where(absmax > 0, s16, torch.ones_like(s16))
 
 
+def _quantize(w_NK: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of one matrix in ``fmt`` (see the module doc)."""
+    qmax = FORMATS[fmt]
+    g = w_NK.float().unflatten(-1, (-1, group))  # [N, G, group]
+    scale = _scales(g.abs().amax(-1), qmax)
+    q = torch.round(g / scale.float()[..., None]).clamp_(-qmax - (fmt == "int4"), qmax).flatten(-2)
+    return (q.to(torch.int8) if fmt == "int8" else pack_int4(q)), scale
+
+
 class QuantWeight(nn.Module):
     """A weight [..., N, K] stored as ``int8`` or ``int4`` with float16 group scales (see module doc).
 
@@ -85,14 +94,12 @@ class QuantWeight(nn.Module):
     @classmethod
     @torch.no_grad()
     def quantize(cls, w: torch.Tensor, fmt: str, group: int | None = None) -> QuantWeight:
-        """Round-to-nearest symmetric quantisation of a floating-point weight [..., N, K]."""
-        out = cls(fmt, w.shape, group, device="meta")
-        qmax = FORMATS[fmt]
-        g = w.detach().float().unflatten(-1, (-1, out.group))  # [.., N, G, group]
-        scale = _scales(g.abs().amax(-1), qmax)
-        q = torch.round(g / scale.float()[..., None]).clamp_(-qmax - (fmt == "int4"), qmax).flatten(-2)
-        out.data = q.to(torch.int8) if fmt == "int8" else pack_int4(q)
-        out.scale = scale
+        """Round-to-nearest symmetric quantisation of a floating-point weight [..., N, K] (a stack
+        one matrix at a time, so the float32 working copy stays one matrix)."""
+        out = cls(fmt, w.shape, group, device=w.device)
+        for i, m in enumerate(w.detach().reshape(-1, *w.shape[-2:])):
+            out.data.view(-1, *out.data.shape[-2:])[i], out.scale.view(-1, *out.scale.shape[-2:])[i] = \
+                _quantize(m, fmt, out.group)
         return out
 
     @property
@@ -110,22 +117,11 @@ class QuantWeight(nn.Module):
         q = data if self.format == "int8" else unpack_int4(data)
         return (q.float() * scale.float().repeat_interleave(self.group, dim=-1)).to(dtype)
 
-    def rows(self, start: int, stop: int, name: str) -> dict[str, torch.Tensor]:
-        """Views of rows [start, stop) of the last matrix dims: {name: data, name_scale: scale}."""
-        return {name: self.data[..., start:stop, :], f"{name}_scale": self.scale[..., start:stop, :]}
-
-    def columns(self, index: int, width: int, name: str) -> dict[str, torch.Tensor]:
-        """Views of matrix ``index`` (leading dim) limited to its first ``width`` columns."""
-        if width % self.group and width != self.shape[-1]:
-            raise ValueError(f"{name}: a width of {width} columns does not end on a group of {self.group}")
-        cols = width if self.format == "int8" else width // 2
-        return {name: self.data[index, :, :cols], f"{name}_scale": self.scale[index, :, :-(-width // self.group)]}
-
     def _apply(self, fn, recurse=True):
-        fmt = (self.data.dtype, self.scale.dtype)
+        old = (self.data, self.scale)
         super()._apply(fn, recurse)
-        if (self.data.dtype, self.scale.dtype) != fmt:  # model.to(dtype): the storage format stays
-            self.data, self.scale = self.data.to(fmt[0]), self.scale.to(fmt[1])
+        if (self.data.dtype, self.scale.dtype) != (old[0].dtype, old[1].dtype):  # model.to(dtype): the stored
+            self.data, self.scale = old[0].to(self.data.device), old[1].to(self.scale.device)  # values stay
         return self
 
     def extra_repr(self) -> str:
@@ -147,11 +143,24 @@ def quantized(*ws) -> bool:
     return any(isinstance(w, QuantWeight) for w in ws)
 
 
-def row_views(w: Weight, start: int, stop: int, name: str) -> dict[str, torch.Tensor]:
-    """Checkpoint views of rows [start, stop) of a weight (data and scale when quantised)."""
-    if isinstance(w, QuantWeight):
-        return w.rows(start, stop, name)
-    return {name: w[..., start:stop, :]}
+def weight_views(w: Weight, name: str, index: int | None = None, rows: tuple[int, int] | None = None,
+                 width: int | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint views of (part of) a weight: matrix ``index`` of the leading dim, rows [a, b), the
+    first ``width`` columns. A quantised weight gives its data under ``name`` and its float16
+    scales under ``name + "_scale"`` (``width`` must then end on a scale group)."""
+    def part(t: torch.Tensor, cols: int | None) -> torch.Tensor:
+        t = t if index is None else t[index]
+        t = t if rows is None else t[..., rows[0]:rows[1], :]
+        return t if cols is None else t[..., :cols]
+
+    if not isinstance(w, QuantWeight):
+        return {name: part(w, width)}
+    if width is None or width == w.shape[-1]:
+        return {name: part(w.data, None), f"{name}_scale": part(w.scale, None)}
+    if width % w.group:
+        raise ValueError(f"{name}: a width of {width} columns does not end on a scale group of {w.group}")
+    return {name: part(w.data, width if w.format == "int8" else width // 2),
+            f"{name}_scale": part(w.scale, width // w.group)}
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,6 +12,7 @@ from torch import nn
 
 from moekit.config import ModelConfig
 from moekit.kernels import get_backend
+from moekit.kernels.weights import weight_views
 
 
 class Norm(nn.Module):
@@ -102,8 +103,9 @@ class Attention(nn.Module):
     def views(self) -> dict[str, torch.Tensor]:
         """q/k/v/o projections in the [out, in] layout checkpoints store."""
         q, k = self.h * self.a, self.g * self.a
-        out = {"q.weight": self.wqkv[:q], "k.weight": self.wqkv[q:q + k], "v.weight": self.wqkv[q + k:],
-               "o.weight": self.wo}
+        out = {**weight_views(self.wqkv, "q.weight", rows=(0, q)),
+               **weight_views(self.wqkv, "k.weight", rows=(q, q + k)),
+               **weight_views(self.wqkv, "v.weight", rows=(q + k, q + 2 * k)), **weight_views(self.wo, "o.weight")}
         if self.bqkv is not None:
             out.update({"q.bias": self.bqkv[:q], "k.bias": self.bqkv[q:q + k], "v.bias": self.bqkv[q + k:]})
         return out
@@ -140,4 +142,5 @@ class MLP(nn.Module):
     def views(self) -> dict[str, torch.Tensor]:
         """Per-projection views in the [out, in] layout checkpoints store."""
         f = self.width
-        return {"gate": self.w13[:f], "up": self.w13[f:], "down": self.w2}
+        return {**weight_views(self.w13, "gate", rows=(0, f)), **weight_views(self.w13, "up", rows=(f, 2 * f)),
+                **weight_views(self.w2, "down")}

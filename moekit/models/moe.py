@@ -15,7 +15,7 @@ from torch import nn
 from moekit.config import ModelConfig, MoEConfig
 from moekit.kernels import get_backend
 from moekit.kernels.reference import capacity_drop
-from moekit.kernels.weights import ExpertWeights
+from moekit.kernels.weights import ExpertWeights, QuantWeight, weight_views
 from moekit.models.layers import MLP
 
 
@@ -95,21 +95,23 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def zero_padding(self) -> None:
-        """Zero the rows/columns beyond each expert's own width."""
+        """Zero the rows/columns beyond each expert's own width (a quantised stack: their scales)."""
         f = self.w2.shape[-1]
+        w13, w2 = (t.scale if isinstance(t, QuantWeight) else t for t in (self.w13, self.w2))
+        g = self.w2.group if isinstance(self.w2, QuantWeight) else 1
         for e, w in enumerate(self.widths):
-            self.w13[e, w:f].zero_()
-            self.w13[e, f + w:].zero_()
-            self.w2[e, :, w:].zero_()
+            w13[e, w:f].zero_()
+            w13[e, f + w:].zero_()
+            w2[e, :, -(-w // g):].zero_()
 
     def views(self) -> dict[str, torch.Tensor]:
         """Per-expert projection views ("{e}.gate" etc.) in the [out, in] layout checkpoints store."""
         f = self.w2.shape[-1]
         out = {}
         for e, w in enumerate(self.widths):
-            out[f"{e}.gate"] = self.w13[e, :w]
-            out[f"{e}.up"] = self.w13[e, f:f + w]
-            out[f"{e}.down"] = self.w2[e, :, :w]
+            out.update(weight_views(self.w13, f"{e}.gate", e, rows=(0, w)))
+            out.update(weight_views(self.w13, f"{e}.up", e, rows=(f, f + w)))
+            out.update(weight_views(self.w2, f"{e}.down", e, width=w))
         return out
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from moekit.config import ModelConfig, count_params
 from moekit.kernels import get_backend
+from moekit.kernels.weights import QuantWeight, Weight, weight_views
 from moekit.models.layers import MLP, Attention, Norm, Rotary
 from moekit.models.moe import MoE
 
@@ -48,9 +49,10 @@ class MoEDecoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
         self.norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.quant = None  # a QuantConfig once quantised (moekit.models.quantize)
 
     @property
-    def output_weight(self) -> torch.Tensor:
+    def output_weight(self) -> Weight:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None, cache=None,
@@ -121,6 +123,9 @@ class MoEDecoder(nn.Module):
             owner = name.rsplit(".", 1)[0]
             if owner not in fused:
                 out[name] = p
+        for name, module in self.named_modules():  # a quantised weight of its own (the LM head)
+            if isinstance(module, QuantWeight) and name.rsplit(".", 1)[0] not in fused:
+                out.update(weight_views(module, name))
         return out
 
     @torch.no_grad()

@@ -22,10 +22,13 @@ from moekit.config import ConfigError, ModelConfig, count_params
 from moekit.errors import MoekitError
 from moekit.families import Family, NameMap, detect_family
 from moekit.models import MoEDecoder
+from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights.io import CheckpointError, iter_shard, read_json, shard_names, weight_files
 
 log = logging.getLogger(__name__)
 
+SAFE_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.float32: "F32", torch.float64: "F64", torch.int32: "I32", torch.int64: "I64"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -93,10 +96,11 @@ def _raise(problems: list[str], what: str) -> None:
         raise CheckpointError(f"{what}:\n  " + "\n  ".join(problems[:5]) + more)
 
 
-def _check_size(cfg: ModelConfig, folder: Path, files: list[Path]) -> None:
-    """Refuse a config.json whose sizes need more parameters than the weight files have bytes."""
+def _check_size(cfg: ModelConfig, folder: Path, files: list[Path], quant: QuantConfig | None) -> None:
+    """Refuse a config.json whose sizes need more parameters than the weight files have bytes
+    (half a byte per parameter for an int4 checkpoint)."""
     params, size = count_params(cfg)[0], sum(f.stat().st_size for f in files)
-    if params > size:
+    if (params // 2 if quant and quant.format == "int4" else params) > size:
         raise CheckpointError(
             f"{folder / 'config.json'}: its sizes (vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, "
             f"{cfg.num_layers} layers) make {params:,} parameters, but the weight files hold only {size:,} bytes")
@@ -113,20 +117,32 @@ def _header(path: Path) -> dict | None:
         return None
 
 
+def _type_problem(file: Path, name: str, got: str, want: torch.dtype) -> str | None:
+    """Why a tensor stored as ``got`` (a safetensors dtype name) cannot fill a view of dtype ``want``."""
+    floating = got.startswith(("F", "BF"))
+    if want.is_floating_point and not floating:
+        return f"{file.name}: tensor {name!r} holds {got} integers; a floating-point weight belongs there"
+    if not want.is_floating_point and got != SAFE_DTYPES[want]:
+        return (f"{file.name}: tensor {name!r} holds {got}; a quantised weight stores {SAFE_DTYPES[want]} there "
+                "(config.json's quantization_config)")
+    return None
+
+
 def _check_headers(folder: Path, files: list[Path], shapes: dict[str, tuple]) -> None:
-    """Shapes and dtypes of the safetensors tensors against the model's, before any memory is allocated."""
+    """Shapes and dtypes of the safetensors tensors against the model's ({name: (shape, dtype)}), before any
+    memory is allocated."""
     misshaped, wrong_type = [], []
     for file in files:
         header = _header(file) if file.suffix == ".safetensors" else None
         for name, info in (header or {}).items():
             if name not in shapes or not isinstance(info, dict):
                 continue
-            if tuple(info.get("shape", ())) != shapes[name]:
+            shape, want = shapes[name]
+            if tuple(info.get("shape", ())) != shape:
                 misshaped.append(f"{file.name}: tensor {name!r} has shape {list(info.get('shape', ()))}, "
-                                 f"config.json implies {list(shapes[name])}")
-            elif not str(info.get("dtype", "F")).startswith(("F", "BF")):
-                wrong_type.append(f"{file.name}: tensor {name!r} holds {info.get('dtype')} integers; "
-                                  f"a floating-point weight belongs there")
+                                 f"config.json implies {list(shape)}")
+            elif why := _type_problem(file, name, str(info.get("dtype", "F")), want):
+                wrong_type.append(why)
     _raise(misshaped, f"{folder}: tensors with the wrong shape")
     _raise(wrong_type, f"{folder}: tensors of the wrong type")
 
@@ -145,10 +161,14 @@ def _non_finite(file: Path, sums: list, expected: dict) -> list[str]:
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         kernels: str = "auto", progress: bool | None = None) -> MoEDecoder:
+         kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
+         group: int | None = None) -> MoEDecoder:
     """Load a checkpoint folder in any supported family's native layout.
 
-    dtype: None keeps the config's ``torch_dtype`` (float32 if it has none).
+    dtype: None keeps the config's ``torch_dtype`` (float32 if it has none); a quantised
+    checkpoint (``moekit quantize``) keeps its int8/int4 matrices, computing in ``dtype``.
+    quantize: ``int8`` / ``int4`` quantises a floating-point checkpoint after loading (``group``:
+    the scale group size; default per channel for int8, 64 for int4; docs/quantization.md).
     Raises :class:`CheckpointError` naming the file and tensor for missing, unexpected,
     mis-shaped, integer or non-finite tensors, bad config fields and unsafe pickles.
     """
@@ -160,15 +180,25 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     cfg, family, files, wmap = read_config(folder)
     hf = cfg.extra
     dtype = as_dtype(dtype) or as_dtype(hf.get("torch_dtype") or hf.get("dtype")) or torch.float32
-    _check_size(cfg, folder, files)
+    try:
+        quant = QuantConfig.from_json(hf["quantization_config"]) if hf.get("quantization_config") else None
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    wanted = QuantConfig.of(quantize, group) if quantize else None  # a ConfigError names the bad argument
+    if quant and wanted:
+        raise CheckpointError(f"{folder}: already quantised ({quant.format}); load it without quantize=, or "
+                              "quantise its floating-point checkpoint")
+    _check_size(cfg, folder, files, quant)
     meta = _on_meta(cfg, dtype, device, kernels)
+    if quant:
+        quantize_model(meta, quant, structure_only=True)
     table = NameMap(family.names(cfg))
     shapes = {}
     for name, view in meta.named_views().items():
         hf_name = table.to_hf(name)
         if hf_name is None:
             raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
-        shapes[hf_name] = tuple(view.shape)
+        shapes[hf_name] = (tuple(view.shape), view.dtype)
     _check_headers(folder, files, shapes)
     model = _allocate(meta, dtype, device)
     expected = {table.to_hf(name): view for name, view in model.named_views().items()}
@@ -190,9 +220,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                 misshaped.append(f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
                                  f"config.json implies {list(view.shape)}")
                 continue
-            if not tensor.is_floating_point():
-                wrong_type.append(f"{file.name}: tensor {name!r} holds {tensor.dtype} integers; "
-                                  f"a floating-point weight belongs there")
+            if why := _type_problem(file, name, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)), view.dtype):
+                wrong_type.append(why)
                 continue
             with torch.no_grad():
                 view.copy_(tensor)
@@ -207,6 +236,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     missing = [f"missing tensor {n!r}" + (f" (index lists it in {wmap[n]})" if wmap and n in wmap else "")
                for n in expected if n not in seen]
     _raise(missing, f"{folder}: tensors the config.json requires are absent")
+    if wanted:
+        quantize_model(model, wanted, progress=show)
     for line in model.kernels.describe():
         log.info(line)
     return model.eval()

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from moekit.errors import MoekitError
 from moekit.families import NameMap, get_family
+from moekit.families.base import SCALE
 from moekit.models import MoEDecoder
 from moekit.weights.io import (SAFE_INDEX, CheckpointError, FolderCommit, finish_interrupted, is_checkpoint,
                                stale_files)
@@ -37,6 +38,11 @@ def hf_tensors(model: MoEDecoder, family: str) -> dict[str, torch.Tensor]:
             raise ValueError(f"family {family!r} has no checkpoint name for moekit tensor {name!r}")
         out[hf_name] = view
     return out
+
+
+def _stored(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is written in: ``dtype`` for weights, its own for quantised data and scales."""
+    return dtype if t.is_floating_point() and not name.endswith(SCALE) else t.dtype
 
 
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
@@ -101,6 +107,8 @@ def save(model: MoEDecoder, path: str | Path, format: str = "hf", family: str | 
                          "bias_balance off for this layout")
     dtype = as_dtype(dtype) or model.embed.weight.dtype
     hf_cfg["torch_dtype"] = DTYPE_NAMES[dtype]
+    if getattr(model, "quant", None) is not None:  # int8/int4 matrices and their float16 scales stay as they are
+        hf_cfg["quantization_config"] = model.quant.to_json()
     tensors = hf_tensors(model, family)
     files = {name: Path(src) for name, src in (files or {}).items()}
     target = check_target(path, ["config.json", SAFE_INDEX, *files])
@@ -116,7 +124,7 @@ def save(model: MoEDecoder, path: str | Path, format: str = "hf", family: str | 
         wmap, total = {}, 0
         for k, names in enumerate(shards, 1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            part = {n: tensors[n].detach().to("cpu", dtype).clone() for n in names}
+            part = {n: tensors[n].detach().to("cpu", _stored(n, tensors[n], dtype)).clone() for n in names}
             save_file(part, commit.temp(fname), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in part.values())
             wmap.update(dict.fromkeys(names, fname))
