@@ -175,7 +175,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     if str(path).endswith(".gguf"):  # a llama.cpp file: moekit/weights/gguf_import.py
         from moekit.weights.gguf_import import load_gguf
 
-        return load_gguf(path, dtype=dtype, device=device, kernels=kernels, progress=progress)
+        return load_gguf(path, dtype=dtype, device=device, kernels=kernels, progress=progress, quantize=quantize,
+                         group=group)
     folder = Path(path)
     cfg, family, files, wmap = read_config(folder)
     hf = cfg.extra
