@@ -125,8 +125,8 @@ def _load(args: argparse.Namespace):
     SamplingParams(**given, stop=tuple(args.stop))  # reject bad flags before the (slow) load
     if not args.model:
         args.model = default_model()
-    if not Path(args.model).is_dir():
-        raise UsageError(f"--model {args.model!r}: no such checkpoint folder")
+    if not (Path(args.model).is_dir() or args.model.endswith(".gguf") and Path(args.model).is_file()):
+        raise UsageError(f"--model {args.model!r}: no such checkpoint folder or .gguf file")
     t0 = time.perf_counter()
     lm = CausalLM.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
                                   progress=True, quantize=args.quantize, group=args.group)

@@ -123,6 +123,10 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Tokenizer:
+        if str(folder).endswith(".gguf"):  # a llama.cpp file: its tokenizer.ggml.* metadata
+            from moekit.weights.gguf_tokenizer import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(folder)
         folder = Path(folder)
         config = _read(folder / "tokenizer_config.json")
         for k, v in _read(folder / "special_tokens_map.json").items():

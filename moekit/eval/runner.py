@@ -139,8 +139,8 @@ def main(args: argparse.Namespace) -> None:
         from moekit.assets import default_model_path
 
         args.model = str(default_model_path())
-    if not Path(args.model).is_dir():
-        raise MoekitError(f"--model: {args.model} is not a checkpoint folder")
+    if not (Path(args.model).is_dir() or args.model.endswith(".gguf") and Path(args.model).is_file()):
+        raise MoekitError(f"--model: {args.model} is not a checkpoint folder or .gguf file")
     start = time.perf_counter()
     lm = CausalLM.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels, progress=not args.no_progress)
     engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids, max_num_seqs=args.max_num_seqs or 64,

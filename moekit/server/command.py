@@ -38,8 +38,8 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model or default_model()
-    if not Path(model).is_dir():
-        raise UsageError(f"--model {model!r}: no such checkpoint folder")
+    if not (Path(model).is_dir() or model.endswith(".gguf") and Path(model).is_file()):
+        raise UsageError(f"--model {model!r}: no such checkpoint folder or .gguf file")
     t0 = time.perf_counter()
     lm = CausalLM.from_pretrained(model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
                                   progress=True, quantize=args.quantize, group=args.group)

@@ -1,0 +1,360 @@
+"""Load a llama.cpp GGUF file into a :class:`MoEDecoder`: ``moekit.load("model.gguf")``.
+
+Four llama.cpp architectures map exactly onto a moekit family (the inverse of the GGUF export):
+
+- ``llama``: dense LLaMA, or Mixtral when it has experts (softmax, top-k renormalised);
+- ``deepseek``: DeepSeek-MoE v1 (top-k not renormalised, ungated shared experts, leading dense layers);
+- ``qwen2moe``: Qwen2-MoE with ``norm_topk_prob: false`` (sigmoid-gated shared expert, q/k/v biases);
+- ``bailingmoe``: XVERSE-MoE (its export target; the shared experts are one MLP, ``expert_weights_norm``).
+
+The metadata becomes the family's Hugging Face config (``to_config``), so the model is the
+one the family's own checkpoint would give. GGUF dims are reversed against numpy, which
+gguf-py's reader already undoes; ``llama``, ``deepseek`` and ``bailingmoe`` store the Q/K rows
+permuted for llama.cpp's rotary layout, which is undone here. F32/F16/BF16 tensors are copied.
+Q8_0 and Q4_0 blocks are moekit's int8/int4 :class:`QuantWeight` layouts with group 32 (same
+bytes): a file whose quantisable matrices are all of one of them loads as a quantised model
+(:func:`kept_quantised`); otherwise they are dequantised, as every other type is (by gguf-py).
+The file is memory-mapped and nothing in it is executed (:mod:`moekit.weights.gguf_file`). The
+tokenizer and chat template: :mod:`moekit.weights.gguf_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moekit.config import ConfigError, ModelConfig
+from moekit.families import NameMap, get_family
+from moekit.families.base import SCALE
+from moekit.kernels.weights import QuantWeight
+from moekit.models import MoEDecoder
+from moekit.models.quantize import QuantConfig, quantize_model
+from moekit.weights.gguf_file import Metadata, open_gguf
+from moekit.weights.io import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# moekit tensor name -> GGUF tensor name (llama.cpp's constants.py MODEL_TENSORS)
+GGUF_NAMES = {
+    "embed.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "layers.{i}.attn_norm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.ffn_norm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.attn.q.{w}": "blk.{i}.attn_q.{w}",
+    "layers.{i}.attn.k.{w}": "blk.{i}.attn_k.{w}",
+    "layers.{i}.attn.v.{w}": "blk.{i}.attn_v.{w}",
+    "layers.{i}.attn.o.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.ffn.{p}": "blk.{i}.ffn_{p}.weight",  # dense FFN layers
+    "layers.{i}.ffn.router.proj.weight": "blk.{i}.ffn_gate_inp.weight",
+    "layers.{i}.ffn.shared.{p}": "blk.{i}.ffn_{p}_shexp.weight",
+    "layers.{i}.ffn.shared_gate.weight": "blk.{i}.ffn_gate_inp_shexp.weight",  # stored as [D]
+    "layers.{i}.ffn.experts.{e}.{p}": "blk.{i}.ffn_{p}.{e}.weight",  # one tensor per expert (early Mixtral files)
+}
+PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")  # -> stacked blk.N.ffn_P_exps [E, ...]
+PERMUTED = ("llama", "deepseek", "bailingmoe")  # archs whose Q/K rows are in llama.cpp's NORM rotary order
+ARCHS = ("llama", "deepseek", "qwen2moe", "bailingmoe")
+QUANT = {"Q8_0": "int8", "Q4_0": "int4"}  # GGUF types whose blocks are moekit's formats with group 32
+QUANT_KIND = {v: k for k, v in QUANT.items()}
+
+
+# ----------------------------------------------------------------------------- metadata -> config
+def _shape(t) -> tuple[int, ...]:
+    """A tensor's logical numpy shape (GGUF lists dims innermost first)."""
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+
+def hf_config(meta: Metadata, tensors: dict) -> dict:
+    """The Hugging Face config.json of the moekit family that reproduces this GGUF's architecture."""
+    path, arch = meta.path, meta.need("general.architecture")
+    if arch not in ARCHS:
+        raise CheckpointError(f"{path}: architecture {arch!r} is not supported (moekit reads {', '.join(ARCHS)})")
+
+    def a(key: str) -> str:
+        return f"{arch}.{key}"
+
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
+    heads = meta.count(a("attention.head_count"))
+    d = meta.count(a("embedding_length"))
+    head_dim = meta.count(a("attention.key_length"), d // max(heads, 1))
+    if meta.count(a("attention.value_length"), head_dim) != head_dim:
+        raise CheckpointError(f"{path}: metadata key {a('attention.value_length')!r} differs from the key length "
+                              f"{head_dim} (not supported)")
+    if meta.count(a("rope.dimension_count"), head_dim) != head_dim:
+        raise CheckpointError(f"{path}: metadata key {a('rope.dimension_count')!r}="
+                              f"{meta.get(a('rope.dimension_count'))} rotates part of a head of {head_dim} "
+                              f"(partial rotary is not supported)")
+    if meta.get(a("expert_gating_func"), 1) != 1:
+        raise CheckpointError(f"{path}: metadata key {a('expert_gating_func')!r}={meta.get(a('expert_gating_func'))}"
+                              f" is not supported (1, softmax)")
+    if "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (per-frequency RoPE factors, Llama-3.1 style) "
+                              f"is not supported")
+    tok = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    hf = dict(vocab_size=_shape(tensors["token_embd.weight"])[0], hidden_size=d,
+              num_hidden_layers=meta.count(a("block_count")), num_attention_heads=heads,
+              num_key_value_heads=meta.count(a("attention.head_count_kv"), heads), head_dim=head_dim,
+              max_position_embeddings=meta.count(a("context_length"), 4096),
+              rms_norm_eps=meta.real(a("attention.layer_norm_rms_epsilon"), 1e-6),
+              rope_theta=meta.real(a("rope.freq_base"), 10000.0), rope_scaling=_rope_scaling(meta, arch),
+              tie_word_embeddings="output.weight" not in tensors, hidden_act="silu",
+              bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=tok["padding"])
+    experts = meta.count(a("expert_count"), 0)
+
+    def used() -> int:
+        return meta.count(a("expert_used_count"))
+
+    if arch == "llama" and not experts:
+        hf.update(model_type="llama", intermediate_size=meta.count(a("feed_forward_length")))
+    elif arch == "llama":
+        hf.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=used(),
+                  intermediate_size=meta.count(a("feed_forward_length")))
+    elif arch == "deepseek":  # llama.cpp's build_deepseek: norm_w and scale_w false
+        hf.update(model_type="deepseek", n_routed_experts=experts, num_experts_per_tok=used(),
+                  moe_intermediate_size=meta.count(a("expert_feed_forward_length")),
+                  n_shared_experts=meta.count(a("expert_shared_count"), 0),
+                  first_k_dense_replace=meta.count(a("leading_dense_block_count"), 0),
+                  intermediate_size=meta.count(a("feed_forward_length")), norm_topk_prob=False)
+    elif arch == "qwen2moe":  # norm_w false; the shared expert is gated by sigmoid(ffn_gate_inp_shexp . x)
+        up = tensors.get("blk.0.ffn_up_exps.weight")
+        shexp = tensors.get("blk.0.ffn_up_shexp.weight")
+        hf.update(model_type="qwen2_moe", num_experts=experts, num_experts_per_tok=used(),
+                  moe_intermediate_size=meta.count(a("expert_feed_forward_length"), _shape(up)[1] if up else None),
+                  shared_expert_intermediate_size=meta.count(a("expert_shared_feed_forward_length"),
+                                                             _shape(shexp)[0] if shexp else 0),
+                  intermediate_size=meta.count(a("feed_forward_length"), 0), norm_topk_prob=False,
+                  qkv_bias="blk.0.attn_q.bias" in tensors)
+    else:  # bailingmoe -> XVERSE-MoE
+        if meta.count(a("leading_dense_block_count"), 0):
+            raise CheckpointError(f"{path}: metadata key {a('leading_dense_block_count')!r}="
+                                  f"{meta.get(a('leading_dense_block_count'))} is not supported (0)")
+        hf.update(model_type="xverse", num_experts=experts, moe_top_k=used(),
+                  intermediate_size=meta.count(a("expert_feed_forward_length")),
+                  num_shared_experts=meta.count(a("expert_shared_count"), 0),
+                  norm_topk_prob=bool(meta.get(a("expert_weights_norm"), False)))
+    return hf
+
+
+def routed_scale(meta: Metadata) -> float:
+    """The routed-output multiplier: ``expert_weights_scale``, which llama.cpp's deepseek and bailingmoe read
+    (0 or 1: none); its llama and qwen2moe never scale."""
+    arch = meta.get("general.architecture")
+    scale = meta.real(f"{arch}.expert_weights_scale", 0.0) if arch in ("deepseek", "bailingmoe") else 0.0
+    return scale if scale not in (0.0, 1.0) else 1.0
+
+
+def _rope_scaling(meta: Metadata, arch: str) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = meta.real(f"{arch}.rope.scaling.factor") or meta.real(f"{arch}.rope.scale_linear")
+    if kind == "none" and factor not in (None, 0.0, 1.0) and f"{arch}.rope.scale_linear" in meta:
+        kind = "linear"
+    if kind == "none" or factor in (None, 0.0, 1.0):
+        return None
+    if kind != "linear":
+        raise CheckpointError(f"{meta.path}: metadata key '{arch}.rope.scaling.type'={kind!r} is not supported "
+                              f"(none, linear)")
+    return {"type": "linear", "factor": factor}
+
+
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig a GGUF file describes, without reading its tensors."""
+    reader = open_gguf(path)
+    return _config(Metadata(reader, Path(path)), {t.name: t for t in reader.tensors})
+
+
+def _config(meta: Metadata, tensors: dict) -> ModelConfig:
+    hf = hf_config(meta, tensors)
+    try:
+        cfg = get_family(hf["model_type"]).to_config(hf, frozenset())
+        scale = routed_scale(meta)  # no family config.json field holds it (LLaMA-MoE's score scale, exported)
+        return cfg if scale == 1.0 else cfg.replace(moe=dataclasses.replace(cfg.moe, routed_scale=scale))
+    except (ConfigError, TypeError) as e:
+        why = str(e).replace("config.json field", "field")
+        raise CheckpointError(f"{meta.path}: its metadata describes a model moekit cannot build ({why})") from None
+
+
+# ----------------------------------------------------------------------------- tensors
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # the memory map is read-only; it is only ever read
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(a)
+
+
+def quant_weight(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> QuantWeight:
+    """A Q8_0 / Q4_0 block array (bytes [..., N, K / 32 * block]) as moekit's int8 / int4 weight:
+    each 32-column block is a float16 scale then 32 int8 values (Q8_0) or 16 bytes of nibbles,
+    column j low and j + 16 high, stored as q + 8 (Q4_0) -- moekit's layouts with group 32."""
+    *lead, K = shape
+    blocks = _from_numpy(raw).reshape(*lead, K // 32, -1)  # [.., N, G, bytes]
+    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [.., N, G]
+    body = blocks[..., 2:]
+    w = QuantWeight("int8" if kind == "Q8_0" else "int4", shape, 32, device="meta")
+    w.data = body.contiguous().view(torch.int8).reshape(shape) if kind == "Q8_0" else body.reshape(*lead, K // 2)
+    w.scale = scale
+    return w
+
+
+def tensor_value(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> torch.Tensor | QuantWeight:
+    """One GGUF matrix (or vector) as a torch tensor over the mapped bytes, or a QuantWeight."""
+    if kind in ("F32", "F16"):
+        return _from_numpy(raw).reshape(shape)
+    if kind == "BF16":  # gguf-py gives the raw bytes
+        return _from_numpy(raw).view(torch.bfloat16).reshape(shape)
+    if kind in ("Q8_0", "Q4_0") and len(shape) >= 2 and shape[-1] % 32 == 0:
+        return quant_weight(raw, kind, shape)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(np.asarray(raw), GGMLQuantizationType[kind])).reshape(shape)
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows [heads * A, ...] from llama.cpp's rotary order (pairs interleaved) back to Hugging Face's
+    (halves): the inverse of convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _unpermute_value(v, heads: int):
+    if isinstance(v, QuantWeight):  # quantisation is along rows: permuting rows permutes data and scales alike
+        out = QuantWeight(v.format, v.shape, v.group, device="meta")
+        out.data, out.scale = unpermute(v.data, heads), unpermute(v.scale, heads)
+        return out
+    return unpermute(v, heads)
+
+
+def _sources(model_views: dict, tensors: dict, path: Path) -> dict[str, list[tuple[str, int | None]]]:
+    """GGUF tensor name -> [(moekit view name, index into its leading dim or None)]."""
+    table, out = NameMap(GGUF_NAMES), {}
+    for name in model_views:
+        g = table.to_hf(name)
+        if g is None:
+            raise CheckpointError(f"{path}: moekit tensor {name!r} has no GGUF name")
+        index = None
+        if (m := PER_EXPERT.fullmatch(g)) and g not in tensors:
+            g, index = f"blk.{m[1]}.ffn_{m[2]}_exps.weight", int(m[3])
+        out.setdefault(g, []).append((name, index))
+    return out
+
+
+def _store(views: dict, name: str, value) -> torch.Tensor:
+    """Copy one GGUF matrix into the model; returns the view that holds its values (the scales when quantised).
+
+    A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight byte for byte (data, then scales
+    under ``name_scale``) and is dequantised into a floating-point one.
+    """
+    view, scale = views[name], views.get(name + SCALE)
+    if scale is not None:
+        view.copy_(value.data)
+        return scale.copy_(value.scale)
+    return view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
+
+
+def kept_quantised(cfg: ModelConfig, sources: dict, tensors: dict) -> QuantConfig | None:
+    """int8 (from Q8_0) or int4 (from Q4_0), group 32, when every matrix moekit quantises
+    (:func:`moekit.models.quantize.targets`) but the LM head is stored in that one type, so the file's
+    bytes are kept (the LM head too when ``output`` has that type, as llama-quantize's Q6_K one has not);
+    None, so every weight is dequantised, otherwise (a float file, K-quants, mixed types)."""
+    if not any(t.tensor_type.name in QUANT for t in tensors.values()):
+        return None
+    with torch.device("meta"):
+        model = MoEDecoder(cfg, "reference")
+    quantize_model(model, QuantConfig("int8", 32), structure_only=True)  # which matrices (group 32 fits both)
+    source = {name: g for g, targets in sources.items() for name, _ in targets}
+    kept = {source[n.removesuffix(SCALE)] for n in model.named_views() if n.endswith(SCALE)} - {"output.weight"}
+    kinds = Counter(tensors[g].tensor_type.name for g in kept)
+    if len(kinds) != 1 or (kind := next(iter(kinds))) not in QUANT:
+        log.info("the matrices are stored as %s: the weights are dequantised",
+                 ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
+        return None
+    head = tensors.get("output.weight")
+    return QuantConfig(QUANT[kind], 32, lm_head=head is not None and head.tensor_type.name == kind)
+
+
+def default_dtype(tensors: dict) -> torch.dtype:
+    """float32 for an all-F32 file, else bfloat16 (what the CPU kernels run)."""
+    kinds = {t.tensor_type.name for t in tensors.values() if len(t.shape) >= 2}
+    return torch.float32 if kinds <= {"F32"} else torch.bfloat16
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+              kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
+              group: int | None = None) -> MoEDecoder:
+    """A llama.cpp GGUF file of a supported architecture as a :class:`MoEDecoder`.
+
+    dtype: the compute dtype; None is float32 for an all-F32 file and bfloat16 otherwise. A Q8_0 /
+    Q4_0 file keeps its matrices as int8 / int4 (:func:`kept_quantised`); ``quantize`` / ``group``
+    quantise a floating-point one after loading, as :func:`moekit.load` does. Raises
+    :class:`CheckpointError` naming the file and the key or tensor for an unsupported
+    architecture, a truncated file, missing, unexpected or mis-shaped tensors.
+    """
+    from moekit.weights.load import _allocate, _on_meta, as_dtype
+
+    path = Path(path)
+    reader = open_gguf(path)
+    meta, tensors = Metadata(reader, path), {t.name: t for t in reader.tensors}
+    cfg = _config(meta, tensors)
+    dtype = as_dtype(dtype) or default_dtype(tensors)
+    cfg = cfg.replace(extra={**cfg.extra, "torch_dtype": str(dtype).removeprefix("torch.")})
+    with torch.device("meta"):
+        shapes = {n: tuple(v.shape) for n, v in MoEDecoder(cfg, "reference").named_views().items()}
+    sources = _sources(shapes, tensors, path)
+    problems = [f"tensor {g!r} is missing" for g in sources if g not in tensors]
+    problems += [f"unexpected tensor {g!r} (a {meta.get('general.architecture')} model with this metadata "
+                 f"has no such tensor)" for g in tensors if g not in sources]
+    for g, targets in sources.items():
+        if g in tensors:
+            want = _want_shape(shapes, targets)
+            if _shape(tensors[g]) != want and not (g.endswith("ffn_gate_inp_shexp.weight")
+                                                   and _shape(tensors[g]) == want[1:]):
+                problems.append(f"tensor {g!r} has shape {list(_shape(tensors[g]))}, the metadata implies {list(want)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path}: {problems[0]}{more}")
+    quant, wanted = kept_quantised(cfg, sources, tensors), QuantConfig.of(quantize, group) if quantize else None
+    if quant and wanted:
+        raise CheckpointError(f"{path}: already quantised ({quant.format} from GGUF {QUANT_KIND[quant.format]}); "
+                              f"load it without quantize=")
+    model = _on_meta(cfg, dtype, device, kernels)
+    if quant:
+        quantize_model(model, quant, structure_only=True)
+    model = _allocate(model, dtype, device)
+    views = model.named_views()
+    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
+    permuted = meta.get("general.architecture") in PERMUTED
+    bad = []
+    show = sys.stderr.isatty() if progress is None else progress
+    with torch.no_grad():
+        for g, targets in tqdm(sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not show):
+            t = tensors[g]
+            kind, shape = t.tensor_type.name, _shape(t)
+            for name, index in targets:
+                raw = t.data if index is None else t.data[index]
+                value = tensor_value(raw, kind, shape if index is None else shape[1:])
+                if permuted and (part := g.split(".")[-2]) in heads:
+                    value = _unpermute_value(value, heads[part])
+                stored = _store(views, name, value)
+                if not bool(torch.isfinite(stored.sum())) and not bool(torch.isfinite(stored).all()):
+                    bad.append(f"tensor {g!r} has NaN or infinite values")
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if wanted:
+        quantize_model(model, wanted, progress=show)
+    for line in model.kernels.describe():
+        log.info(line)
+    return model.eval()
+
+
+def _want_shape(shapes: dict, targets: list[tuple[str, int | None]]) -> tuple[int, ...]:
+    """The GGUF tensor shape that fills ``targets``: the view's, with the expert count in front when stacked."""
+    name, index = targets[0]
+    return shapes[name] if index is None else (len(targets), *shapes[name])
