@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from moekit.cliargs import UsageError, default_model, positive_int, quant_flags
+from moekit.cliargs import UsageError, default_model, memory_flags, offload_summary, positive_int, quant_flags
 from moekit.errors import MoekitError
 from moekit.weights.io import CheckpointError
 
@@ -96,6 +96,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
     quant_flags(p)
+    memory_flags(p)
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--chat-format", help="override the chat format (xverse-moe, chatml, orion, vicuna, deepseek)")
     p.add_argument("--system", help="system message for chat formatting")
@@ -129,7 +130,8 @@ def _load(args: argparse.Namespace):
         raise UsageError(f"--model {args.model!r}: no such checkpoint folder or .gguf file")
     t0 = time.perf_counter()
     lm = CausalLM.from_pretrained(args.model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
-                                  progress=True, quantize=args.quantize, group=args.group)
+                                  progress=True, quantize=args.quantize, group=args.group,
+                                  max_memory=args.max_memory)
     print(f"loaded {args.model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) "
           f"in {time.perf_counter() - t0:.1f} s; {lm.model.kernels.describe()[0]} (moekit info --kernels)",
           file=sys.stderr)
@@ -186,6 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _print_stream(ev.text for ev in gen.stream([ids], params))
     else:
         print(gen.generate([ids], params)[0].text)
+    if line := offload_summary(lm.model):
+        print(line, file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -193,14 +197,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
     message), so a per-piece format such as XVERSE's puts exactly those ids in the next prompt; their
     text is ``decode(ids)``, what was printed, for formats that render one string. A turn that fails
     (a message too long for the context, ...) is reported and dropped; the session goes on."""
-    from moekit.engine import TextGenerator
-
     if sys.stdin is None or sys.stdin.closed:
         raise UsageError("chat reads messages from standard input, which is closed; "
                          "use moekit generate --prompt ... for one answer")
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach _text instead of raising
         sys.stdin.reconfigure(errors="surrogateescape")
     lm = _load(args)
+    try:
+        _chat_loop(lm, args)
+    finally:
+        if line := offload_summary(lm.model):
+            print(line, file=sys.stderr)
+
+
+def _chat_loop(lm, args: argparse.Namespace) -> None:
+    from moekit.engine import TextGenerator
+
     gen = TextGenerator(lm.engine, lm.tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if system:

@@ -37,6 +37,30 @@ def quant_flags(p) -> None:
     p.add_argument("--group", type=positive_int, help="with --quantize: input columns per scale (int4: 32/64/128)")
 
 
+def positive_float(text: str) -> float:
+    """argparse type for sizes such as --max-memory: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def memory_flags(p) -> None:
+    """--max-memory: expert offload for a model larger than memory."""
+    p.add_argument("--max-memory", type=positive_float, metavar="GIB",
+                   help="memory budget in GiB for the weights: routed experts stay in the safetensors files and are "
+                        "read into an LRU cache on demand (docs/quantization.md, Expert offload)")
+
+
+def offload_summary(model) -> str | None:
+    """The expert cache's one-line report (hits, misses, bytes read), or None when not offloaded."""
+    cache = getattr(model, "offload", None)
+    return None if cache is None else cache.stats.summary()
+
+
 def default_model() -> str:
     """The embedded default model's folder (moekit/assets/default)."""
     from moekit.assets import default_model_path

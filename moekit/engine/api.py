@@ -61,14 +61,15 @@ class CausalLM:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device: str = "cpu", kernels: str = "auto",
                         chat_format: str | None = None, progress: bool | None = None, quantize: str | None = None,
-                        group: int | None = None) -> CausalLM:
+                        group: int | None = None, max_memory: float | None = None) -> CausalLM:
         """Model, tokenizer and generation defaults of a checkpoint folder (``quantize``: ``int8`` /
-        ``int4`` weights at load time, see :func:`moekit.load`)."""
+        ``int4`` weights at load time; ``max_memory``: a budget in GiB, routed experts read from the
+        files on demand; see :func:`moekit.load`)."""
         from moekit.weights import load
 
         path = Path(path)
         model = load(path, dtype=dtype, device=device, kernels=kernels, progress=progress, quantize=quantize,
-                     group=group)
+                     group=group, max_memory=max_memory)
         gen_file = path / "generation_config.json"
         try:
             gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.exists() else {}

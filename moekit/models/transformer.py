@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moekit.config import ModelConfig, count_params
+from moekit.errors import MoekitError
 from moekit.kernels import get_backend
 from moekit.kernels.weights import QuantWeight, Weight, weight_views
 from moekit.models.layers import MLP, Attention, Norm, Rotary
@@ -50,6 +51,7 @@ class MoEDecoder(nn.Module):
         self.norm = Norm(cfg.hidden_size, cfg.norm_eps, cfg.norm, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.quant = None  # a QuantConfig once quantised (moekit.models.quantize)
+        self.offload = None  # the expert cache when loaded with max_memory (moekit.weights.offload)
 
     @property
     def output_weight(self) -> Weight:
@@ -88,6 +90,16 @@ class MoEDecoder(nn.Module):
             x_BTD = x_BTD[:, logits_at]
         return self.kernels.linear(self.norm(x_BTD), self.output_weight)
 
+    def offload_stats(self) -> dict | None:
+        """Expert-offload cache statistics (hits, misses, bytes read, ...); None when not offloaded."""
+        return None if self.offload is None else self.offload.stats.as_dict()
+
+    def _apply(self, fn, recurse=True):
+        if self.offload is not None:  # .to() / .half() would copy every expert stack in full
+            raise MoekitError("an expert-offloaded model stays where it was loaded, in its dtype; load it again "
+                              "with other dtype= / device= arguments")
+        return super()._apply(fn, recurse)
+
     @contextmanager
     def record_routing(self) -> Iterator[list]:
         """``with model.record_routing() as routing: model(x)``: each MoE layer appends its
@@ -113,6 +125,9 @@ class MoEDecoder(nn.Module):
         per-projection views (``layers.3.ffn.experts.5.gate``), which is what
         family name tables map to and from.
         """
+        if self.offload is not None:  # most experts are not in memory: a save or export would write zeros
+            raise MoekitError("an expert-offloaded model holds only its cached experts; save or convert the "
+                              "checkpoint it was loaded from instead")
         out: dict[str, torch.Tensor] = {}
         fused = {}
         for name, module in self.named_modules():

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from moekit.cliargs import UsageError, default_model, positive_int, quant_flags
+from moekit.cliargs import UsageError, default_model, memory_flags, offload_summary, positive_int, quant_flags
 
 
 def add_arguments(sv: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
     sv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights dtype (default: the config's)")
     sv.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"], help="kernel backend")
     quant_flags(sv)
+    memory_flags(sv)
     sv.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     sv.add_argument("--chat-format", help="override the checkpoint's chat format")
 
@@ -42,9 +43,14 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"--model {model!r}: no such checkpoint folder or .gguf file")
     t0 = time.perf_counter()
     lm = CausalLM.from_pretrained(model, dtype=args.dtype, kernels=args.kernels, chat_format=args.chat_format,
-                                  progress=True, quantize=args.quantize, group=args.group)
+                                  progress=True, quantize=args.quantize, group=args.group,
+                                  max_memory=args.max_memory)
     print(f"loaded {model} ({lm.model.config.family}, {lm.model.embed.weight.dtype}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    serve(lm, args.served_model_name or ("moekit-default" if not args.model else Path(model).name), args.host,
-          args.port, args.api_key, args.max_num_seqs, args.max_num_batched_tokens,
-          None if args.kv_memory is None else int(args.kv_memory * 2**30), args.max_model_len)
+    try:
+        serve(lm, args.served_model_name or ("moekit-default" if not args.model else Path(model).name), args.host,
+              args.port, args.api_key, args.max_num_seqs, args.max_num_batched_tokens,
+              None if args.kv_memory is None else int(args.kv_memory * 2**30), args.max_model_len)
+    finally:
+        if line := offload_summary(lm.model):
+            print(line, file=sys.stderr)

@@ -162,16 +162,23 @@ def _non_finite(file: Path, sums: list, expected: dict) -> list[str]:
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
-         group: int | None = None) -> MoEDecoder:
+         group: int | None = None, max_memory: float | None = None) -> MoEDecoder:
     """Load a checkpoint folder in any supported family's native layout.
 
     dtype: None keeps the config's ``torch_dtype`` (float32 if it has none); a quantised
     checkpoint (``moekit quantize``) keeps its int8/int4 matrices, computing in ``dtype``.
     quantize: ``int8`` / ``int4`` quantises a floating-point checkpoint after loading (``group``:
     the scale group size; default per channel for int8, 64 for int4; docs/quantization.md).
+    max_memory: a budget in GiB for a model larger than memory: the routed experts stay in the
+    safetensors files and are read into an LRU cache on demand (moekit/weights/offload.py).
     Raises :class:`CheckpointError` naming the file and tensor for missing, unexpected,
     mis-shaped, integer or non-finite tensors, bad config fields and unsafe pickles.
     """
+    if max_memory is not None:
+        from moekit.weights.offload import load_offloaded
+
+        return load_offloaded(path, max_memory, dtype=dtype, device=device, kernels=kernels, progress=progress,
+                              quantize=quantize)
     if str(path).endswith(".gguf"):  # a llama.cpp file: moekit/weights/gguf_import.py
         from moekit.weights.gguf_import import load_gguf
 

@@ -1,0 +1,315 @@
+"""The expert cache of an offloaded model: routed experts read from the checkpoint on demand.
+
+Every MoE layer keeps its expert stacks (w13 [E, 2F, D], w2 [E, D, F], or a quantised stack's
+data and scales) at full size, but as virtual memory: only experts in the cache have physical
+pages behind them. The cache owns a fixed pool of pages, allocated once (its capacity). Loading
+expert B moves pages from the pool, or from the least recently used expert A, to B's place in
+its stack with Linux's ``mremap`` (no copy, no page faults), then reads B's bytes from the
+safetensors file into them with ``preadv`` at the header's offsets. Plain reads rather than a
+memory map: page-cache pages never count in the process's resident set, so it stays at the
+resident weights plus the pool.
+
+The kernels get the ordinary stacks and expert ids. A pool of S slots with ids remapped to slot
+numbers would work too, but it changes the order in which the kernels sum the experts' outputs
+(they walk experts by index), so results would differ from the in-memory model's in the last
+bit; here they are equal by construction.
+
+Keys are (layer, expert); one LRU list spans all layers, so a layer that routes widely (a long
+prompt) can use capacity the others are not using. :meth:`ExpertCache.prefetch` starts reads
+in a background thread (the loader predicts the next layer's experts, moekit/weights/offload.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from moekit.errors import MoekitError
+from moekit.weights.io import CheckpointError
+
+PAGE = mmap.PAGESIZE
+_NORESERVE, _POPULATE, _FIXED = 0x4000, 0x8000, 0x10  # linux/mman.h (asm-generic: x86-64, arm64)
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE
+
+
+def _libc():
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mmap.restype, libc.mremap.restype = ctypes.c_void_p, ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    return libc
+
+
+_FAILED = ctypes.c_void_p(-1).value
+
+
+def virtual(nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor over fresh anonymous memory with no physical pages yet (they cost nothing until written)."""
+    m = mmap.mmap(-1, max(nbytes, 1), flags=_ANON)
+    return torch.frombuffer(m, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)  # the tensor keeps m
+
+
+class PagePool:
+    """Physical pages that move between page-aligned ranges of anonymous memory (``mremap``)."""
+
+    def __init__(self, nbytes: int):
+        self.libc = _libc()
+        self.capacity = nbytes
+        self.reserve = mmap.mmap(-1, max(nbytes, PAGE), flags=_ANON | _POPULATE) if nbytes else None
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.reserve)) if nbytes else 0
+        self.free: list[tuple[int, int]] = [(base, nbytes)] if nbytes else []  # (address, bytes), each in one mapping
+        self.free_bytes = nbytes
+
+    def take(self, addr: int, nbytes: int) -> list[tuple[int, int]]:
+        """Give [addr, addr + nbytes) pages from the pool; returns the pieces moved (for :meth:`give`)."""
+        pieces, done = [], 0
+        while done < nbytes:
+            src, n = self.free.pop()
+            k = min(n, nbytes - done)
+            self._move(src, addr + done, k)
+            if k < n:
+                self.free.append((src + k, n - k))
+            pieces.append((addr + done, k))
+            done += k
+        self.free_bytes -= nbytes
+        return pieces
+
+    def give(self, pieces: list[tuple[int, int]]) -> None:
+        """Return an evicted expert's pages (they stay where they are until taken again)."""
+        self.free += pieces
+        self.free_bytes += sum(n for _, n in pieces)
+
+    def _move(self, src: int, dst: int, n: int) -> None:
+        if self.libc.mremap(src, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, dst) == _FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mremap of {n} bytes failed: {os.strerror(err)}")
+        # the range left behind gets fresh page-less memory, so the stack it belongs to stays mapped
+        if self.libc.mmap(src, n, mmap.PROT_READ | mmap.PROT_WRITE, _ANON | _FIXED, -1, 0) == _FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {n} bytes failed: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one checkpoint tensor's bytes are: file, absolute byte offset, size, dtype, shape."""
+
+    path: Path
+    name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def direct(self, view: torch.Tensor) -> bool:
+        """Whether the file's bytes can be read straight into ``view`` (same dtype, contiguous)."""
+        return view.is_contiguous() and view.dtype == self.dtype and view.numel() * view.element_size() == self.nbytes
+
+    def read_into(self, fd: int, view: torch.Tensor, drop_page_cache: bool = False) -> None:
+        """Fill ``view`` from the file (through a temporary buffer when dtypes or layouts differ)."""
+        buf = view if self.direct(view) else torch.empty(self.nbytes, dtype=torch.uint8)
+        mem = memoryview((ctypes.c_char * self.nbytes).from_address(buf.data_ptr())).cast("B")
+        got = 0
+        while got < self.nbytes:
+            n = os.preadv(fd, [mem[got:]], self.offset + got)
+            if n <= 0:
+                raise CheckpointError(f"{self.path.name}: tensor {self.name!r} ends past the end of the file "
+                                      f"(truncated at byte {self.offset + got})")
+            got += n
+        if drop_page_cache:
+            os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
+        if buf is not view:
+            view.copy_(buf.view(self.dtype).view(self.shape))
+
+
+@dataclass(eq=False)
+class Expert:
+    """One (layer, expert): its page-aligned ranges in the stacks and the tensors to read into them."""
+
+    spans: list[tuple[int, int]]  # (address, bytes)
+    reads: list[tuple[Stored, torch.Tensor]]  # checkpoint tensor -> the view it fills
+    covered: bool  # the reads fill the spans entirely (else padding is zeroed first)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.spans)
+
+
+def size(nbytes: float) -> str:
+    """A byte count for messages: MiB below 1 GiB, else GiB."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
+@dataclass
+class OffloadStats:
+    """What the cache did. hits: experts already in memory when a layer needed them; misses: read
+    then (the layer waited); prefetch_hits: first use of an expert a prefetch brought in."""
+
+    capacity_bytes: int = 0  # the page pool
+    resident_bytes: int = 0  # weights always in memory (everything but the offloaded experts)
+    expert_bytes: int = 0  # all offloaded experts, as stored in memory
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    prefetched: int = 0  # experts a prefetch started reading
+    prefetch_unused: int = 0  # prefetched, evicted before any use
+    evictions: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # time spent reading, in any thread
+    wait_seconds: float = 0.0  # time the forward pass waited for reads (misses and unfinished prefetches)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses + self.prefetch_hits
+        return (self.hits + self.prefetch_hits) / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+    def summary(self) -> str:
+        pf = (f", {self.prefetch_hits} by prefetch ({self.prefetched} prefetched, {self.prefetch_unused} unused)"
+              if self.prefetched else "")
+        return (f"expert offload: {self.hit_rate:.1%} of expert uses served from memory ({self.hits} hits{pf}, "
+                f"{self.misses} misses); {size(self.bytes_read)} read in {self.read_seconds:.2f} s, "
+                f"{self.wait_seconds:.2f} s waited; a {size(self.capacity_bytes)} cache for {size(self.expert_bytes)} "
+                f"of experts, {size(self.resident_bytes)} resident")
+
+
+@dataclass(eq=False)
+class _Entry:
+    pieces: list[tuple[int, int]]
+    future: Future | None = None
+    prefetched: bool = False
+    used: bool = False
+
+
+@dataclass(eq=False)
+class ExpertCache:
+    """An LRU cache of (layer, expert) entries over a :class:`PagePool` of ``capacity`` bytes."""
+
+    experts: dict[tuple[int, int], Expert]
+    capacity: int
+    stats: OffloadStats = field(default_factory=OffloadStats)
+    drop_page_cache: bool = False  # advise the kernel to drop each range read (measures reads from disk)
+
+    def __post_init__(self):
+        self.pool = PagePool(self.capacity)
+        self.stats.capacity_bytes = self.capacity
+        self.stats.expert_bytes = sum(x.nbytes for x in self.experts.values())
+        self.lru: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self.verified: set[tuple[int, int]] = set()
+        self.fds = {p: os.open(p, os.O_RDONLY) for p in {s.path for x in self.experts.values() for s, _ in x.reads}}
+        self.executor: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    # ---- the forward pass --------------------------------------------------------------------
+    def ensure(self, layer: int, ids_TK: torch.Tensor) -> set[tuple[int, int]]:
+        """Make the experts of ``layer`` named in ``ids_TK`` resident (reading the missing ones) and
+        most recently used; returns their keys."""
+        keys = [(layer, e) for e in sorted(set(ids_TK.reshape(-1).tolist()))]
+        missing = [k for k in keys if k not in self.lru]
+        self._make_room(sum(self.experts[k].nbytes for k in missing), set(keys), strict=True)
+        t0 = time.perf_counter()
+        for k in missing:
+            self._admit(k)
+            self._account(self._read(k))
+            self.stats.misses += 1
+        for k in keys:
+            entry = self.lru[k]
+            if k not in missing:
+                if entry.future is not None:
+                    self._settle(entry)
+                if entry.prefetched and not entry.used:
+                    self.stats.prefetch_hits += 1
+                else:
+                    self.stats.hits += 1
+            entry.used = True
+            self.lru.move_to_end(k)
+        self.stats.wait_seconds += time.perf_counter() - t0
+        for k in keys:
+            if k not in self.verified:
+                self._verify(k)
+        return set(keys)
+
+    def prefetch(self, layer: int, ids_TK: torch.Tensor, busy: set[tuple[int, int]] = frozenset()) -> None:
+        """Start reading the experts of ``layer`` in ``ids_TK`` that are not cached, in the background,
+        evicting only least recently used entries outside ``busy`` (the running layer's experts)."""
+        keys = [(layer, e) for e in sorted(set(ids_TK.reshape(-1).tolist()))]
+        keep = set(busy) | {k for k in keys if k in self.lru}
+        for k in keys:
+            if k in self.lru:
+                continue
+            if not self._make_room(self.experts[k].nbytes, keep, strict=False):
+                return
+            keep.add(k)
+            entry = self._admit(k)
+            entry.prefetched = True
+            if self.executor is None:
+                self.executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch")
+            entry.future = self.executor.submit(self._read, k)
+            self.stats.prefetched += 1
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _make_room(self, nbytes: int, keep: set, strict: bool) -> bool:
+        while self.pool.free_bytes < nbytes:
+            victim = next((k for k in self.lru if k not in keep), None)
+            if victim is None:
+                if not strict:
+                    return False
+                raise MoekitError(f"expert cache: {len(keep)} experts of one layer need {nbytes / 2**20:.1f} MiB "
+                                  f"more than the {self.capacity / 2**20:.1f} MiB cache can free")
+            entry = self.lru.pop(victim)
+            if entry.future is not None:  # a prefetch still writing into these pages
+                self._settle(entry)
+            self.pool.give(entry.pieces)
+            self.stats.evictions += 1
+            self.stats.prefetch_unused += entry.prefetched and not entry.used
+        return True
+
+    def _admit(self, key) -> _Entry:
+        entry = _Entry([p for addr, n in self.experts[key].spans for p in self.pool.take(addr, n)])
+        self.lru[key] = entry
+        return entry
+
+    def _read(self, key) -> tuple[int, float]:
+        """Read one expert from the checkpoint (in the caller's thread); returns (bytes, seconds)."""
+        t0 = time.perf_counter()
+        x = self.experts[key]
+        if not x.covered:  # padded experts: pages reused from another expert hold its bytes
+            for addr, n in x.spans:
+                ctypes.memset(addr, 0, n)
+        for stored, view in x.reads:
+            stored.read_into(self.fds[stored.path], view, self.drop_page_cache)
+        return sum(s.nbytes for s, _ in x.reads), time.perf_counter() - t0
+
+    def _settle(self, entry: _Entry) -> None:
+        future, entry.future = entry.future, None
+        self._account(future.result())
+
+    def _account(self, done: tuple[int, float]) -> None:
+        self.stats.bytes_read += done[0]
+        self.stats.read_seconds += done[1]
+
+    def _verify(self, key) -> None:
+        """NaN / infinity check of an expert's floating-point tensors, the first time it is used."""
+        for stored, view in self.experts[key].reads:
+            if view.is_floating_point() and not bool(torch.isfinite(view.sum())) and not bool(
+                    torch.isfinite(view).all()):
+                bad = int((~torch.isfinite(view)).sum())
+                raise CheckpointError(f"{stored.path.name}: tensor {stored.name!r} has {bad} NaN or infinite "
+                                      f"value(s) of {view.numel()}")
+        self.verified.add(key)

@@ -1,0 +1,301 @@
+"""Expert offload: run a checkpoint larger than memory, routed experts read from disk on demand.
+
+``moekit.load(path, max_memory=GiB)`` keeps every tensor but the routed experts in memory and
+gives the experts an LRU cache (moekit/weights/expert_cache.py) sized so that
+
+    max_memory >= resident weights + expert cache + read buffer
+
+- resident weights: embeddings, attention, norms, routers, shared experts, dense MLPs, LM head
+  (and expert stacks whose per-expert size is not a whole number of 4 KiB pages, which cannot be
+  paged per expert: tiny models, per-channel int8 scales);
+- expert cache: a pool of pages allocated once, at least top_k experts per MoE layer (and a
+  whole layer's experts, so that any prompt's experts fit at once);
+- read buffer: only when expert tensors are converted on the way in (another dtype on disk).
+
+Not counted: the Python and PyTorch runtime, the KV cache and activations (docs/quantization.md,
+"Expert offload", has the measured figures). After each MoE layer routes, the next MoE layer's
+router is applied to the same hidden state and its likely experts are read in a background
+thread while the layer computes (``prefetch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moekit.config import ConfigError
+from moekit.errors import MoekitError
+from moekit.families import NameMap
+from moekit.kernels.weights import QuantWeight
+from moekit.models import MoEDecoder
+from moekit.models.moe import MoE
+from moekit.models.quantize import QuantConfig, quantize_model
+from moekit.weights.expert_cache import PAGE, Expert, ExpertCache, Stored, size, virtual
+from moekit.weights.io import CheckpointError
+from moekit.weights.load import (
+    SAFE_DTYPES,
+    _allocate,
+    _check_headers,
+    _check_size,
+    _non_finite,
+    _on_meta,
+    _raise,
+    as_dtype,
+    read_config,
+)
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+TORCH_DTYPES = {v: k for k, v in SAFE_DTYPES.items()}
+
+
+def _layout(path: Path) -> dict[str, Stored]:
+    """Every tensor of a safetensors file with its absolute byte range (header only)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < min(size, 1 << 28) else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: not a readable safetensors file (bad header)")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info.get("data_offsets", (0, -1))
+        dtype = TORCH_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has dtype {info.get('dtype')!r}, which moekit does not read")
+        shape = tuple(info.get("shape", ()))
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or 8 + n + end > size:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has a byte range that does not fit its shape "
+                                  "or the file (truncated?)")
+        out[name] = Stored(path, name, 8 + n + begin, end - begin, dtype, shape)
+    return out
+
+
+def _stacks(experts: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, attribute) of every stacked tensor of an Experts module (a quantised one: data and scales)."""
+    out = []
+    for attr in ("w13", "w2"):
+        w = getattr(experts, attr)
+        out += [(w, "data"), (w, "scale")] if isinstance(w, QuantWeight) else [(experts, attr)]
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _budget_error(path: Path, max_memory: float, resident: int, need: int, per_expert: dict, cfg) -> MoekitError:
+    m = cfg.moe
+    cache = (f"the expert cache needs at least {size(need)} (top-{m.top_k} experts x {len(per_expert)} MoE layers, "
+             f"and one layer's {m.num_experts}, at {size(max(per_expert.values()))} per expert)" if per_expert else
+             "no expert stack can be paged (an expert's bytes must be whole 4 KiB pages)")
+    return MoekitError(
+        f"max_memory={max_memory:g} GiB is too small for {path}: the weights kept in memory (embeddings, attention, "
+        f"norms, routers, shared/dense MLPs, LM head) take {size(resident)} and {cache}: at least "
+        f"{(resident + need) / GIB:.3g} GiB in all (every expert: {size(sum(per_expert.values()) * m.num_experts)})")
+
+
+def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str | None = None,
+                   device: str | torch.device = "cpu", kernels: str = "auto", progress: bool | None = None,
+                   quantize: str | None = None, prefetch: bool = True) -> MoEDecoder:
+    """Load a safetensors checkpoint folder within ``max_memory`` GiB (see the module doc): the
+    routed experts stay in the files and are read into an LRU cache when a layer routes to them.
+    ``model.offload_stats()`` reports hits, misses and bytes read."""
+    if not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool) or not max_memory > 0:
+        raise MoekitError(f"max_memory={max_memory!r}: give the memory budget in GiB, a number > 0")
+    if not sys.platform.startswith("linux"):
+        raise MoekitError("expert offload (max_memory) needs Linux: the cache moves pages between experts with mremap")
+    if str(path).endswith(".gguf"):
+        raise MoekitError(f"{path}: expert offload reads safetensors checkpoint folders, not GGUF files")
+    if quantize:
+        raise MoekitError("max_memory with quantize: quantising at load time needs every expert in memory; write a "
+                          "quantised checkpoint first (moekit quantize) and offload that")
+    if torch.device(device).type != "cpu":
+        raise MoekitError(f"max_memory on {device}: expert offload computes on the CPU for now")
+    folder = Path(path)
+    cfg, family, files, _ = read_config(folder)
+    pickles = [f.name for f in files if f.suffix != ".safetensors"]
+    if pickles:
+        raise CheckpointError(f"{folder}: expert offload reads each expert at its byte offset in a safetensors file, "
+                              f"but {pickles[0]} is a PyTorch pickle (.bin), which can only be loaded whole; convert "
+                              "the folder once (moekit.save(moekit.load(folder), new_folder) writes safetensors)")
+    hf = cfg.extra
+    dtype = as_dtype(dtype) or as_dtype(hf.get("torch_dtype") or hf.get("dtype")) or torch.float32
+    try:
+        quant = QuantConfig.from_json(hf["quantization_config"]) if hf.get("quantization_config") else None
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    _check_size(cfg, folder, files, quant)
+    meta = _on_meta(cfg, dtype, device, kernels)
+    if quant:
+        quantize_model(meta, quant, structure_only=True)
+    meta.to(dtype=dtype)  # the sizes below are those the weights will have
+    table = NameMap(family.names(cfg))
+    views = {}
+    for name, view in meta.named_views().items():
+        if table.to_hf(name) is None:
+            raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
+        views[table.to_hf(name)] = view
+    _check_headers(folder, files, {n: (tuple(v.shape), v.dtype) for n, v in views.items()})
+    stored: dict[str, Stored] = {}
+    for f in files:
+        stored.update(_layout(f))
+    skip = [re.compile(p) for p in family.ignore] + ([re.compile(r"lm_head\.weight")] if cfg.tie_word_embeddings else [])
+    _raise([f"{stored[n].path.name}: unexpected tensor {n!r}" for n in stored
+            if n not in views and not any(p.fullmatch(n) for p in skip)],
+           f"{folder}: tensors that a {family.name} model with this config.json does not have")
+    _raise([f"missing tensor {n!r}" for n in views if n not in stored],
+           f"{folder}: tensors the config.json requires are absent")
+
+    # what stays in memory, what each MoE layer's expert costs in the cache
+    moes = {b.layer: b.ffn for b in meta.layers if isinstance(b.ffn, MoE)}
+    paged = {id(getattr(o, a)) for m in moes.values() for o, a in _stacks(m.experts)
+             if _nbytes(getattr(o, a)) // cfg.moe.num_experts % PAGE == 0}
+    per_expert = {layer: sum(_nbytes(getattr(o, a)) // cfg.moe.num_experts for o, a in _stacks(m.experts)
+                             if id(getattr(o, a)) in paged) for layer, m in moes.items()}
+    per_expert = {layer: n for layer, n in per_expert.items() if n}
+    expert_params = {id(t) for m in moes.values() for t in (*m.experts.parameters(), *m.experts.buffers())}
+    resident = sum(_nbytes(t) for t in (*meta.parameters(), *meta.buffers()) if id(t) not in expert_params)
+    resident += sum(_nbytes(t) for m in moes.values() for t in (*m.experts.parameters(), *m.experts.buffers())
+                    if id(t) not in paged)
+    offloaded_views = {n for n, v in views.items() if id(_root(v)) in paged}
+    converted = [stored[n].nbytes for n in offloaded_views if not stored[n].direct(views[n])]
+    scratch = max(converted, default=0) * (2 if prefetch else 1)
+    total = sum(per_expert.values()) * cfg.moe.num_experts
+    need = max(sum(per_expert.values()) * cfg.moe.top_k, max(per_expert.values(), default=0) * cfg.moe.num_experts)
+    budget = int(max_memory * GIB)
+    capacity = min(total, max(0, budget - resident - scratch) // PAGE * PAGE)
+    if budget < resident + scratch or capacity < need:
+        raise _budget_error(folder, max_memory, resident + scratch, need, per_expert, cfg)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if resident + capacity > ram:
+        raise MoekitError(f"max_memory={max_memory:g} GiB: the resident weights and expert cache would take "
+                          f"{(resident + capacity) / GIB:.2f} GiB, more than this machine's {ram / GIB:.1f} GiB")
+
+    model, stacks = _materialize(meta, dtype, device, moes, paged)
+    show = sys.stderr.isatty() if progress is None else progress
+    _read_resident(folder, model, table, stored, offloaded_views, show)
+    cache = ExpertCache(_experts(model, table, stored, stacks, offloaded_views), capacity)
+    cache.stats.resident_bytes = resident
+    weakref.finalize(model, cache.close)
+    _attach(model, cache, prefetch)
+    model.offload = cache
+    log.info("expert offload: %.2f GiB resident, a %.2f GiB cache for %.2f GiB of experts (%.0f%%)",
+             resident / GIB, capacity / GIB, total / GIB, 100 * capacity / max(total, 1))
+    for line in model.kernels.describe():
+        log.info(line)
+    return model.eval()
+
+
+def _root(view: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was taken from (itself if it is not a view)."""
+    return view if view._base is None else view._base
+
+
+def _materialize(meta: MoEDecoder, dtype, device, moes: dict, paged: set) -> tuple[MoEDecoder, dict]:
+    """Allocate the resident weights; paged expert stacks become page-less virtual memory.
+    Returns the model and {layer: its paged stacks}."""
+    experts = {}
+    for layer, moe in moes.items():
+        experts[layer] = moe.experts
+        del moe.experts  # _allocate must not allocate (or zero-pad) them
+    model = _allocate(meta, dtype, device)
+    stacks: dict[int, list[torch.Tensor]] = {}
+    for layer, ex in experts.items():
+        for owner, attr in _stacks(ex):
+            t = getattr(owner, attr)
+            new = virtual(_nbytes(t), t.dtype, t.shape) if id(t) in paged else torch.zeros(t.shape, dtype=t.dtype)
+            setattr(owner, attr, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
+            if id(t) in paged:
+                stacks.setdefault(layer, []).append(getattr(owner, attr))
+        model.layers[layer].ffn.experts = ex
+    return model, stacks
+
+
+def _read_resident(folder: Path, model: MoEDecoder, table: NameMap, stored: dict, offloaded: set, show: bool) -> None:
+    views = {table.to_hf(n): v for n, v in model.named_views().items()}
+    todo = [n for n in views if n not in offloaded]
+    by_file: dict[Path, list[str]] = {}
+    for n in todo:
+        by_file.setdefault(stored[n].path, []).append(n)
+    not_finite = []
+    with tqdm(total=sum(stored[n].nbytes for n in todo), desc=f"loading {folder.name} (experts on demand)",
+              unit="B", unit_scale=True, disable=not show) as bar:
+        for path, names in by_file.items():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                sums = []
+                for n in names:
+                    stored[n].read_into(fd, views[n])
+                    if views[n].is_floating_point():
+                        sums.append((n, stored[n].dtype, views[n].sum()))
+                    bar.update(stored[n].nbytes)
+            finally:
+                os.close(fd)
+            if sums and not bool(torch.isfinite(torch.stack([s.float() for _, _, s in sums])).all()):
+                not_finite += _non_finite(path, sums, views)
+    _raise(not_finite, f"{folder}: tensors with values that are not finite numbers")
+
+
+def _experts(model: MoEDecoder, table: NameMap, stored: dict, stacks: dict, offloaded: set) -> dict:
+    """(layer, expert) -> :class:`Expert`: its page ranges in the paged stacks and its tensors to read."""
+    out = {}
+    for layer, paged in stacks.items():
+        reads: dict[int, list] = {}
+        for k, view in model.layers[layer].ffn.experts.views().items():
+            hf = table.to_hf(f"layers.{layer}.ffn.experts.{k}")
+            if hf in offloaded:
+                reads.setdefault(int(k.split(".", 1)[0]), []).append((stored[hf], view))
+        for e, rd in reads.items():
+            spans = [(t.data_ptr() + e * _nbytes(t[0]), _nbytes(t[0])) for t in paged]
+            out[(layer, e)] = Expert(spans, rd, sum(_nbytes(v) for _, v in rd) == sum(n for _, n in spans))
+    return out
+
+
+def _attach(model: MoEDecoder, cache: ExpertCache, prefetch: bool) -> None:
+    """Route every MoE layer's expert kernel through the cache; with ``prefetch``, a hook keeps each
+    MoE layer's input hidden state for predicting the next MoE layer's experts."""
+    layers = [b.layer for b in model.layers if isinstance(b.ffn, MoE)]
+    hidden: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        block = model.layers[layer]
+        nxt = model.layers[layers[i + 1]] if prefetch and i + 1 < len(layers) else None
+        if nxt is not None:
+            block.ffn_norm.register_forward_pre_hook(lambda mod, args, layer=layer: hidden.__setitem__(layer, args[0]))
+        run = OffloadedExperts(block.ffn.kernels.moe_experts, cache, layer, nxt, hidden)
+        block.ffn.kernels = dataclasses.replace(block.ffn.kernels, moe_experts=run)
+
+
+class OffloadedExperts:
+    """One offloaded layer's ``moe_experts``: make its experts resident, start reading the next MoE
+    layer's likely experts, then run the backend's kernel on the full stacks."""
+
+    def __init__(self, inner, cache: ExpertCache, layer: int, nxt, hidden: dict):
+        self.inner, self.cache, self.layer, self.next, self.hidden = inner, cache, layer, nxt, hidden
+
+    def __call__(self, x_TD, experts, ids_TK, weights_TK, *args, **kw):
+        busy = self.cache.ensure(self.layer, ids_TK)
+        h = self.hidden.pop(self.layer, None)
+        if self.next is not None and h is not None:
+            with torch.no_grad():  # the next layer's router on this layer's hidden state (forward: no hooks)
+                guess = self.next.ffn.router(self.next.ffn_norm.forward(h.reshape(-1, h.shape[-1]))).ids_TK
+            self.cache.prefetch(self.next.layer, guess, busy)
+        return self.inner(x_TD, experts, ids_TK, weights_TK, *args, **kw)
