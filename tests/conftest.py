@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.familyref.checkpoints import make_checkpoint
+from tests.ggufconv import converted, converter, mixtral  # noqa: F401  (GGUF files by llama.cpp's converter)
 
 # (id, family, variant): the cases every family test runs over.
 CASES = [
