@@ -1,0 +1,90 @@
+"""Held-out perplexity at bfloat16, int8 and int4 weights (issue 18, item 3; docs/quantization.md).
+
+    python bench/quant_quality.py --model moekit/assets/default --data recipes/embedded/data/kjv.txt \
+        recipes/embedded/data/en.txt recipes/embedded/data/zh.txt --out bench/results/DATE/quant_quality_embedded.json
+    python bench/quant_quality.py --model runs/kjv/final --data recipes/kjv/data/kjv.txt --separator $'\\n\\n' ...
+
+Every held-out document of each data file (moekit.train.data.is_heldout: every 50th document,
+the rule training used with ``heldout: 0.02``) is scored whole, BOS to EOS, in windows of
+``--window`` tokens (moekit.models.loss.window_nll). The same weights are loaded once per
+variant: the checkpoint in bfloat16, then quantised at load time (int8 per output channel,
+int4 with groups of 32 / 64 / 128); the computation runs in bfloat16 on the chosen kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moekit  # noqa: E402
+from moekit.machine import cpu_info  # noqa: E402
+from moekit.models.loss import window_nll  # noqa: E402
+from moekit.train.data import is_heldout  # noqa: E402
+
+VARIANTS = {"bf16": None, "int8": ("int8", None), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64),
+            "int4-g128": ("int4", 128)}
+
+
+def heldout_rows(tok, files: list[Path], separator: str, fraction: float) -> list[list[int]]:
+    rows = []
+    for f in files:
+        docs = [d.strip() for d in f.read_text(encoding="utf-8").split(separator) if d.strip()]
+        rows += [tok.encode(d) + [tok.eos_token_id] for i, d in enumerate(docs) if is_heldout(i, fraction)]
+    return rows
+
+
+@torch.no_grad()
+def mean_loss(model, rows: list[list[int]], window: int) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for ids in rows:
+        for s in range(0, len(ids) - 1, window):
+            nll, n = window_nll(model, torch.tensor(ids[s:s + window + 1])[None])
+            total, count = total + float(nll), count + int(n)
+    return total / count, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", type=Path, nargs="+", required=True, help="text files of the model's training sources")
+    ap.add_argument("--separator", default="\n\n\n", help="document separator of the data files")
+    ap.add_argument("--heldout", type=float, default=0.02)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--kernels", default="reference")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    tok = moekit.Tokenizer.from_pretrained(args.model)
+    rows = heldout_rows(tok, args.data, args.separator.encode().decode("unicode_escape"), args.heldout)
+    print(f"{len(rows)} held-out documents, {sum(len(r) for r in rows) - len(rows)} scored tokens", file=sys.stderr)
+    results = {}
+    for name in args.variants.split(","):
+        q = VARIANTS[name]
+        t0 = time.perf_counter()
+        model = moekit.load(args.model, dtype=torch.bfloat16, kernels=args.kernels,
+                            quantize=q and q[0], group=q and q[1]).eval()
+        loss, n = mean_loss(model, rows, args.window)
+        size = sum(b.numel() * b.element_size() for b in (*model.parameters(), *model.buffers()))
+        results[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "weight_bytes": size}
+        base = results.get("bf16", results[name])["ppl"]
+        print(f"{name:10s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  ({100 * (math.exp(loss) / base - 1):+.2f}% "
+              f"vs bf16)  weights {size / 2**20:.1f} MiB  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    report = {"date": str(date.today()), "cpu": cpu_info().get("model", platform.processor()), "model": str(args.model),
+              "data": [str(d) for d in args.data], "window": args.window, "kernels": args.kernels, "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
