@@ -1,7 +1,7 @@
 """Expert offload: a checkpoint at least twice the budget decodes within it, with the in-memory run's tokens.
 
-    python bench/offload.py                           # bench-serve's Mixtral shape, budgets 0.5 and 0.75 GiB
-    python bench/offload.py --budgets 0.5 0.75 1.0 --new 64 --out bench/results/offload.json
+    python bench/offload.py --out bench/results/offload/run2.json   # docs/quantization.md's figures
+    python bench/offload.py --budgets 0.5 --cold 0.5 --rounds 1 --model PATH  # another checkpoint
 
 The model: ``~/.cache/moekit/bench-serve/mixtral-bf16`` (bench/serve_setup.py: 742M parameters,
 bfloat16, 1.48 GB; 8 layers of 8 experts of 21 MiB, top-2) or, if absent, the same shape written
@@ -14,7 +14,7 @@ here with random weights. Every measurement is a fresh subprocess, so its peak R
   peak RSS less this, to set against "weights" (resident + expert cache, or the whole model)
   and the budget; what remains is the KV cache, activations and the allocator's slack;
 - in-memory: ``moekit.load(folder)``;
-- offload: ``moekit.load(folder, max_memory=B)`` for each budget, prefetch on and off.
+- offload: ``moekit.load(folder, max_memory=B)`` for each budget.
 
 Each run loads, then decodes ``--new`` tokens greedily (EOS ignored) from a fixed 32-token
 prompt with the engine; configurations run interleaved for ``--rounds`` rounds (median tok/s). decode tok/s = (new - 1) / (time of the last token - time of the
@@ -77,9 +77,7 @@ def child(spec: dict) -> dict:
         if spec.get("budget") is None:
             model = moekit.load(spec["model"], progress=False)
         else:
-            from moekit.weights.offload import load_offloaded
-
-            model = load_offloaded(spec["model"], spec["budget"], prefetch=spec["prefetch"], progress=False)
+            model = moekit.load(spec["model"], max_memory=spec["budget"], progress=False)
             model.offload.drop_page_cache = spec["cold"]
         out["load_s"] = time.perf_counter() - t0
         out["loaded_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -178,11 +176,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help="checkpoint folder (default: bench-serve's mixtral-bf16, or one written here)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.75], help="max_memory values, GiB")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5, 0.65], help="max_memory values, GiB")
     ap.add_argument("--new", type=int, default=64, help="tokens to decode")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median tok/s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cold", type=float, nargs="*", default=[], help="budgets also run with the page cache dropped")
+    ap.add_argument("--cold", type=float, nargs="*", default=[0.5, 0.65],
+                    help="budgets also run with the page cache dropped (--cold alone: none)")
     ap.add_argument("--trained", type=float, default=0.0145,
                     help="budget for the embedded (trained) model's run, a routing-locality data point; 0: skip")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -192,15 +191,12 @@ def main() -> None:
         return
     folder = ensure_model(args.model)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    base = {"model": str(folder), "new": args.new, "threads": args.threads, "cold": False, "prefetch": True,
-            "kind": "load"}
+    base = {"model": str(folder), "new": args.new, "threads": args.threads, "cold": False, "kind": "load"}
     configs = [("idle: import torch, moekit", {**base, "kind": "idle"}),
                ("runtime: + CPU kernels, a meta-device model", {**base, "kind": "runtime"}), ("in-memory", base)]
     for b in args.budgets:
         for cold in ([False, True] if b in args.cold else [False]):
-            for prefetch in (True, False):
-                label = f"offload {b:g} GiB, prefetch {'on' if prefetch else 'off'}" + (", cold" if cold else "")
-                configs.append((label, {**base, "budget": b, "prefetch": prefetch, "cold": cold}))
+            configs.append((f"offload {b:g} GiB" + (", cold" if cold else ""), {**base, "budget": b, "cold": cold}))
     results = measure(configs, args.rounds)
     for label, spec in configs:
         results[label]["budget"] = spec.get("budget")
@@ -214,8 +210,7 @@ def main() -> None:
     if args.trained:
         from_default = str(ROOT / "moekit" / "assets" / "default")
         tb = {**base, "model": from_default, "text": "And God said, Let there be light: and there was light. And"}
-        tconf = [("in-memory", tb)] + [(f"offload {args.trained:g} GiB, prefetch {'on' if p else 'off'}",
-                                         {**tb, "budget": args.trained, "prefetch": p}) for p in (True, False)]
+        tconf = [("in-memory", tb), (f"offload {args.trained:g} GiB", {**tb, "budget": args.trained})]
         trained = measure(tconf, 1)
         for label, spec in tconf:
             trained[label]["budget"] = spec.get("budget")

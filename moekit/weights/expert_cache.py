@@ -15,8 +15,9 @@ numbers would work too, but it changes the order in which the kernels sum the ex
 bit; here they are equal by construction.
 
 Keys are (layer, expert); one LRU list spans all layers, so a layer that routes widely (a long
-prompt) can use capacity the others are not using. :meth:`ExpertCache.prefetch` starts reads
-in a background thread (the loader predicts the next layer's experts, moekit/weights/offload.py).
+prompt) can use capacity the others are not using. Reads happen when a layer needs them: a
+prefetch of the next layer's likely experts (its router on the current hidden state, read by a
+background thread) lost throughput on a 2-core machine and was removed (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import mmap
 import os
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,44 +151,28 @@ def size(nbytes: float) -> str:
 @dataclass
 class OffloadStats:
     """What the cache did. hits: experts already in memory when a layer needed them; misses: read
-    then (the layer waited); prefetch_hits: first use of an expert a prefetch brought in."""
+    from the checkpoint then (the layer waited for them)."""
 
     capacity_bytes: int = 0  # the page pool
     resident_bytes: int = 0  # weights always in memory (everything but the offloaded experts)
     expert_bytes: int = 0  # all offloaded experts, as stored in memory
     hits: int = 0
     misses: int = 0
-    prefetch_hits: int = 0
-    prefetched: int = 0  # experts a prefetch started reading
-    prefetch_unused: int = 0  # prefetched, evicted before any use
     evictions: int = 0
     bytes_read: int = 0
-    read_seconds: float = 0.0  # time spent reading, in any thread
-    wait_seconds: float = 0.0  # time the forward pass waited for reads (misses and unfinished prefetches)
+    read_seconds: float = 0.0
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses + self.prefetch_hits
-        return (self.hits + self.prefetch_hits) / total if total else 0.0
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
 
     def as_dict(self) -> dict:
         return {**asdict(self), "hit_rate": self.hit_rate}
 
     def summary(self) -> str:
-        pf = (f", {self.prefetch_hits} by prefetch ({self.prefetched} prefetched, {self.prefetch_unused} unused)"
-              if self.prefetched else "")
-        return (f"expert offload: {self.hit_rate:.1%} of expert uses served from memory ({self.hits} hits{pf}, "
-                f"{self.misses} misses); {size(self.bytes_read)} read in {self.read_seconds:.2f} s, "
-                f"{self.wait_seconds:.2f} s waited; a {size(self.capacity_bytes)} cache for {size(self.expert_bytes)} "
-                f"of experts, {size(self.resident_bytes)} resident")
-
-
-@dataclass(eq=False)
-class _Entry:
-    pieces: list[tuple[int, int]]
-    future: Future | None = None
-    prefetched: bool = False
-    used: bool = False
+        return (f"expert offload: {self.hit_rate:.1%} of expert uses hit the cache ({self.hits} hits, {self.misses} "
+                f"misses); {size(self.bytes_read)} read in {self.read_seconds:.2f} s; a {size(self.capacity_bytes)} "
+                f"cache for {size(self.expert_bytes)} of experts, {size(self.resident_bytes)} resident")
 
 
 @dataclass(eq=False)
@@ -204,89 +188,41 @@ class ExpertCache:
         self.pool = PagePool(self.capacity)
         self.stats.capacity_bytes = self.capacity
         self.stats.expert_bytes = sum(x.nbytes for x in self.experts.values())
-        self.lru: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self.lru: OrderedDict[tuple[int, int], list[tuple[int, int]]] = OrderedDict()  # key -> its pages
         self.verified: set[tuple[int, int]] = set()
         self.fds = {p: os.open(p, os.O_RDONLY) for p in {s.path for x in self.experts.values() for s, _ in x.reads}}
-        self.executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
 
-    # ---- the forward pass --------------------------------------------------------------------
-    def ensure(self, layer: int, ids_TK: torch.Tensor) -> set[tuple[int, int]]:
-        """Make the experts of ``layer`` named in ``ids_TK`` resident (reading the missing ones) and
-        most recently used; returns their keys."""
+    def ensure(self, layer: int, ids_TK: torch.Tensor) -> None:
+        """Make the experts of ``layer`` named in ``ids_TK`` resident (reading the missing ones from
+        the checkpoint) and most recently used."""
         keys = [(layer, e) for e in sorted(set(ids_TK.reshape(-1).tolist()))]
         missing = [k for k in keys if k not in self.lru]
-        self._make_room(sum(self.experts[k].nbytes for k in missing), set(keys), strict=True)
-        t0 = time.perf_counter()
+        self._make_room(sum(self.experts[k].nbytes for k in missing), set(keys))
         for k in missing:
-            self._admit(k)
-            self._account(self._read(k))
-            self.stats.misses += 1
+            self.lru[k] = [p for addr, n in self.experts[k].spans for p in self.pool.take(addr, n)]
+            self._read(k)
+            self._verify(k)
+        self.stats.misses += len(missing)
+        self.stats.hits += len(keys) - len(missing)
         for k in keys:
-            entry = self.lru[k]
-            if k not in missing:
-                if entry.future is not None:
-                    self._settle(entry)
-                if entry.prefetched and not entry.used:
-                    self.stats.prefetch_hits += 1
-                else:
-                    self.stats.hits += 1
-            entry.used = True
             self.lru.move_to_end(k)
-        self.stats.wait_seconds += time.perf_counter() - t0
-        for k in keys:
-            if k not in self.verified:
-                self._verify(k)
-        return set(keys)
 
-    def prefetch(self, layer: int, ids_TK: torch.Tensor, busy: set[tuple[int, int]] = frozenset()) -> None:
-        """Start reading the experts of ``layer`` in ``ids_TK`` that are not cached, in the background,
-        evicting only least recently used entries outside ``busy`` (the running layer's experts)."""
-        keys = [(layer, e) for e in sorted(set(ids_TK.reshape(-1).tolist()))]
-        keep = set(busy) | {k for k in keys if k in self.lru}
-        for k in keys:
-            if k in self.lru:
-                continue
-            if not self._make_room(self.experts[k].nbytes, keep, strict=False):
-                return
-            keep.add(k)
-            entry = self._admit(k)
-            entry.prefetched = True
-            if self.executor is None:
-                self.executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch")
-            entry.future = self.executor.submit(self._read, k)
-            self.stats.prefetched += 1
-
-    # ---- internals ---------------------------------------------------------------------------
-    def _make_room(self, nbytes: int, keep: set, strict: bool) -> bool:
+    def _make_room(self, nbytes: int, keep: set) -> None:
         while self.pool.free_bytes < nbytes:
             victim = next((k for k in self.lru if k not in keep), None)
-            if victim is None:
-                if not strict:
-                    return False
-                raise MoekitError(f"expert cache: {len(keep)} experts of one layer need {nbytes / 2**20:.1f} MiB "
-                                  f"more than the {self.capacity / 2**20:.1f} MiB cache can free")
-            entry = self.lru.pop(victim)
-            if entry.future is not None:  # a prefetch still writing into these pages
-                self._settle(entry)
-            self.pool.give(entry.pieces)
+            if victim is None:  # the loader's minimum (a whole layer's experts) rules this out
+                raise MoekitError(f"expert cache: {len(keep)} experts of one layer need {size(nbytes)} more than "
+                                  f"the {size(self.capacity)} cache can free")
+            self.pool.give(self.lru.pop(victim))
             self.stats.evictions += 1
-            self.stats.prefetch_unused += entry.prefetched and not entry.used
-        return True
 
-    def _admit(self, key) -> _Entry:
-        entry = _Entry([p for addr, n in self.experts[key].spans for p in self.pool.take(addr, n)])
-        self.lru[key] = entry
-        return entry
-
-    def _read(self, key) -> tuple[int, float]:
-        """Read one expert from the checkpoint (in the caller's thread); returns (bytes, seconds)."""
+    def _read(self, key) -> None:
+        """Read one expert from the checkpoint into its (just assigned) pages."""
         t0 = time.perf_counter()
         x = self.experts[key]
         if not x.covered:  # padded experts: pages reused from another expert hold its bytes
@@ -294,18 +230,13 @@ class ExpertCache:
                 ctypes.memset(addr, 0, n)
         for stored, view in x.reads:
             stored.read_into(self.fds[stored.path], view, self.drop_page_cache)
-        return sum(s.nbytes for s, _ in x.reads), time.perf_counter() - t0
-
-    def _settle(self, entry: _Entry) -> None:
-        future, entry.future = entry.future, None
-        self._account(future.result())
-
-    def _account(self, done: tuple[int, float]) -> None:
-        self.stats.bytes_read += done[0]
-        self.stats.read_seconds += done[1]
+        self.stats.bytes_read += sum(s.nbytes for s, _ in x.reads)
+        self.stats.read_seconds += time.perf_counter() - t0
 
     def _verify(self, key) -> None:
-        """NaN / infinity check of an expert's floating-point tensors, the first time it is used."""
+        """NaN / infinity check of an expert's floating-point tensors, the first time it is read."""
+        if key in self.verified:
+            return
         for stored, view in self.experts[key].reads:
             if view.is_floating_point() and not bool(torch.isfinite(view.sum())) and not bool(
                     torch.isfinite(view).all()):

@@ -13,9 +13,7 @@ gives the experts an LRU cache (moekit/weights/expert_cache.py) sized so that
 - read buffer: only when expert tensors are converted on the way in (another dtype on disk).
 
 Not counted: the Python and PyTorch runtime, the KV cache and activations (docs/quantization.md,
-"Expert offload", has the measured figures). After each MoE layer routes, the next MoE layer's
-router is applied to the same hidden state and its likely experts are read in a background
-thread while the layer computes (``prefetch``).
+"Expert offload", has the measured figures).
 """
 
 from __future__ import annotations
@@ -115,7 +113,7 @@ def _budget_error(path: Path, max_memory: float, resident: int, need: int, per_e
 
 def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str | None = None,
                    device: str | torch.device = "cpu", kernels: str = "auto", progress: bool | None = None,
-                   quantize: str | None = None, prefetch: bool = True) -> MoEDecoder:
+                   quantize: str | None = None) -> MoEDecoder:
     """Load a safetensors checkpoint folder within ``max_memory`` GiB (see the module doc): the
     routed experts stay in the files and are read into an LRU cache when a layer routes to them.
     ``model.offload_stats()`` reports hits, misses and bytes read."""
@@ -178,7 +176,7 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
                     if id(t) not in paged)
     offloaded_views = {n for n, v in views.items() if id(_root(v)) in paged}
     converted = [stored[n].nbytes for n in offloaded_views if not stored[n].direct(views[n])]
-    scratch = max(converted, default=0) * (2 if prefetch else 1)
+    scratch = max(converted, default=0)
     total = sum(per_expert.values()) * cfg.moe.num_experts
     need = max(sum(per_expert.values()) * cfg.moe.top_k, max(per_expert.values(), default=0) * cfg.moe.num_experts)
     budget = int(max_memory * GIB)
@@ -196,7 +194,10 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
     cache = ExpertCache(_experts(model, table, stored, stacks, offloaded_views), capacity)
     cache.stats.resident_bytes = resident
     weakref.finalize(model, cache.close)
-    _attach(model, cache, prefetch)
+    for layer in moes:  # every MoE layer's expert kernel goes through the cache
+        ffn = model.layers[layer].ffn
+        ffn.kernels = dataclasses.replace(ffn.kernels, moe_experts=OffloadedExperts(ffn.kernels.moe_experts, cache,
+                                                                                      layer))
     model.offload = cache
     log.info("expert offload: %.2f GiB resident, a %.2f GiB cache for %.2f GiB of experts (%.0f%%)",
              resident / GIB, capacity / GIB, total / GIB, 100 * capacity / max(total, 1))
@@ -270,32 +271,13 @@ def _experts(model: MoEDecoder, table: NameMap, stored: dict, stacks: dict, offl
     return out
 
 
-def _attach(model: MoEDecoder, cache: ExpertCache, prefetch: bool) -> None:
-    """Route every MoE layer's expert kernel through the cache; with ``prefetch``, a hook keeps each
-    MoE layer's input hidden state for predicting the next MoE layer's experts."""
-    layers = [b.layer for b in model.layers if isinstance(b.ffn, MoE)]
-    hidden: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(layers):
-        block = model.layers[layer]
-        nxt = model.layers[layers[i + 1]] if prefetch and i + 1 < len(layers) else None
-        if nxt is not None:
-            block.ffn_norm.register_forward_pre_hook(lambda mod, args, layer=layer: hidden.__setitem__(layer, args[0]))
-        run = OffloadedExperts(block.ffn.kernels.moe_experts, cache, layer, nxt, hidden)
-        block.ffn.kernels = dataclasses.replace(block.ffn.kernels, moe_experts=run)
-
-
 class OffloadedExperts:
-    """One offloaded layer's ``moe_experts``: make its experts resident, start reading the next MoE
-    layer's likely experts, then run the backend's kernel on the full stacks."""
+    """One offloaded layer's ``moe_experts``: make the experts it routes to resident, then run the
+    backend's kernel on the full stacks."""
 
-    def __init__(self, inner, cache: ExpertCache, layer: int, nxt, hidden: dict):
-        self.inner, self.cache, self.layer, self.next, self.hidden = inner, cache, layer, nxt, hidden
+    def __init__(self, inner, cache: ExpertCache, layer: int):
+        self.inner, self.cache, self.layer = inner, cache, layer
 
     def __call__(self, x_TD, experts, ids_TK, weights_TK, *args, **kw):
-        busy = self.cache.ensure(self.layer, ids_TK)
-        h = self.hidden.pop(self.layer, None)
-        if self.next is not None and h is not None:
-            with torch.no_grad():  # the next layer's router on this layer's hidden state (forward: no hooks)
-                guess = self.next.ffn.router(self.next.ffn_norm.forward(h.reshape(-1, h.shape[-1]))).ids_TK
-            self.cache.prefetch(self.next.layer, guess, busy)
+        self.cache.ensure(self.layer, ids_TK)
         return self.inner(x_TD, experts, ids_TK, weights_TK, *args, **kw)
