@@ -52,7 +52,7 @@ def tight_budget(folder, spare_experts: int = 1, **kw) -> float:
     probe = moekit.load(folder, max_memory=64, **kw)
     st, m, layers = probe.offload.stats, probe.config.moe, len(probe.offload.experts) // probe.config.moe.num_experts
     per = st.expert_bytes // (layers * m.num_experts)
-    return (st.resident_bytes + (max(m.top_k * layers, m.num_experts) + spare_experts) * per) / GIB
+    return (st.resident_bytes + st.working_bytes + (max(m.top_k * layers, m.num_experts) + spare_experts) * per) / GIB
 
 
 def naive_greedy(model, ids, steps):

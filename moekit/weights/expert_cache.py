@@ -155,6 +155,7 @@ class OffloadStats:
 
     capacity_bytes: int = 0  # the page pool
     resident_bytes: int = 0  # weights always in memory (everything but the offloaded experts)
+    working_bytes: int = 0  # budget left for the KV cache and activations
     expert_bytes: int = 0  # all offloaded experts, as stored in memory
     hits: int = 0
     misses: int = 0

@@ -3,17 +3,19 @@
 ``moekit.load(path, max_memory=GiB)`` keeps every tensor but the routed experts in memory and
 gives the experts an LRU cache (moekit/weights/expert_cache.py) sized so that
 
-    max_memory >= resident weights + expert cache + read buffer
+    max_memory >= resident weights + expert cache + read buffer + working memory
 
 - resident weights: embeddings, attention, norms, routers, shared experts, dense MLPs, LM head
   (and expert stacks whose per-expert size is not a whole number of 4 KiB pages, which cannot be
   paged per expert: tiny models, per-channel int8 scales);
 - expert cache: a pool of pages allocated once, at least top_k experts per MoE layer (and a
   whole layer's experts, so that any prompt's experts fit at once);
-- read buffer: only when expert tensors are converted on the way in (another dtype on disk).
+- read buffer: only when expert tensors are converted on the way in (another dtype on disk);
+- working memory: a quarter of the resident weights, at most WORKING bytes, kept free for the KV cache and
+  activations of decoding (measured: 7-22 MiB for a 64-token decode of the 742M bench model).
 
-Not counted: the Python and PyTorch runtime, the KV cache and activations (docs/quantization.md,
-"Expert offload", has the measured figures).
+Not counted: the Python and PyTorch runtime (docs/quantization.md, "Expert offload", has the
+measured figures).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from moekit.weights.load import (
 
 log = logging.getLogger(__name__)
 GIB = 2**30
+WORKING = 32 << 20  # bytes of the budget left for the KV cache and activations
 TORCH_DTYPES = {v: k for k, v in SAFE_DTYPES.items()}
 
 
@@ -107,7 +110,7 @@ def _budget_error(path: Path, max_memory: float, resident: int, need: int, per_e
              "no expert stack can be paged (an expert's bytes must be whole 4 KiB pages)")
     return MoekitError(
         f"max_memory={max_memory:g} GiB is too small for {path}: the weights kept in memory (embeddings, attention, "
-        f"norms, routers, shared/dense MLPs, LM head) take {size(resident)} and {cache}: at least "
+        f"norms, routers, shared/dense MLPs, LM head) and working memory take {size(resident)} and {cache}: at least "
         f"{(resident + need) / GIB:.3g} GiB in all (every expert: {size(sum(per_expert.values()) * m.num_experts)})")
 
 
@@ -180,9 +183,10 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
     total = sum(per_expert.values()) * cfg.moe.num_experts
     need = max(sum(per_expert.values()) * cfg.moe.top_k, max(per_expert.values(), default=0) * cfg.moe.num_experts)
     budget = int(max_memory * GIB)
-    capacity = min(total, max(0, budget - resident - scratch) // PAGE * PAGE)
-    if budget < resident + scratch or capacity < need:
-        raise _budget_error(folder, max_memory, resident + scratch, need, per_expert, cfg)
+    working = min(WORKING, resident // 4)
+    capacity = min(total, max(0, budget - resident - scratch - working) // PAGE * PAGE)
+    if budget < resident + scratch + working or capacity < need:
+        raise _budget_error(folder, max_memory, resident + scratch + working, need, per_expert, cfg)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if resident + capacity > ram:
         raise MoekitError(f"max_memory={max_memory:g} GiB: the resident weights and expert cache would take "
@@ -192,7 +196,7 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
     show = sys.stderr.isatty() if progress is None else progress
     _read_resident(folder, model, table, stored, offloaded_views, show)
     cache = ExpertCache(_experts(model, table, stored, stacks, offloaded_views), capacity)
-    cache.stats.resident_bytes = resident
+    cache.stats.resident_bytes, cache.stats.working_bytes = resident, working
     weakref.finalize(model, cache.close)
     for layer in moes:  # every MoE layer's expert kernel goes through the cache
         ffn = model.layers[layer].ffn
