@@ -9,7 +9,11 @@ The extension is compiled once per machine with the system compiler
   uses AMX tiles where the CPU has them); experts with many tokens on moekit's packed
   microkernel or on ATen's GEMMs, whichever a one-time measurement on this machine found
   faster (cached next to the compiled kernels, :func:`pick_gemm`);
-- attention (contiguous or paged KV cache), RMSNorm, RoPE and routing on moekit's kernels.
+- attention (contiguous or paged KV cache), RMSNorm, RoPE and routing on moekit's kernels;
+- int8 / int4 weights (:class:`QuantWeight`, any token count) on moekit's low-bit kernels
+  (``cpu/qgemm.h``): with few tokens the activations are quantised to int8 in 32-column blocks
+  (llama.cpp's Q8_0) and AVX-512 VNNI dot products stream the weight bytes; with many, weight tiles
+  are dequantised to bf16 (exactly the reference's weights) for the packed microkernel.
 
 A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
 PyTorch reference, which is also their oracle in tests, and says so once (a warning).
@@ -31,13 +35,15 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.kernels import reference
-from moekit.kernels.weights import ExpertWeights, Weight, quantized
+from moekit.kernels.weights import ExpertWeights, QuantWeight, Weight, quantized
 from moekit.machine import OtherLoad, cpu_info
 
 SOURCES = Path(__file__).with_name("cpu")
 MAX_TOKENS = 32  # linear/mlp: beyond this, ATen's GEMMs (oneDNN / MKL) are faster than streaming
 PAGED_ROW_MAX = 4  # paged attention: a request with more new tokens takes the flash path (ROW_MAX in paged.cpp)
 MOE_CHUNK = 1024  # tokens per fused-kernel call: bounds its float32 scratch (tokens x top-k x width)
+QLINEAR_CHUNK = 512  # tokens per quantised-linear call: bounds its float32 scratch (tokens x rows)
+QDECODE_TOKENS = 16  # fewer tokens (per expert or linear call): int8 activations (QGEMM_MIN_TOKENS, qgemm.h)
 DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -166,6 +172,33 @@ def _unfit(*ts: torch.Tensor) -> str | None:
     return None
 
 
+def _unfit_weights(x: torch.Tensor, *ws: Weight, extra=()) -> str | None:
+    """Why the C++ kernels cannot take activations ``x`` with these (plain or quantised) weights."""
+    why = _unfit(x, *(w for w in ws if not isinstance(w, QuantWeight)), *extra)
+    if why:
+        return why
+    for w in ws:
+        parts = (w.data, w.scale) if isinstance(w, QuantWeight) else (w,)
+        if isinstance(w, QuantWeight):
+            K, G = w.shape[-1], w.scale.shape[-1]
+            if w.device.type != "cpu":
+                return f"{w.device.type} tensors"
+            if (w.data.dtype, w.scale.dtype) != (torch.int8 if w.format == "int8" else torch.uint8, torch.float16):
+                return f"a {w.format} weight stored as {w.data.dtype} with {w.scale.dtype} scales"
+            if G * w.group != K or (w.group % 32 and not (w.format == "int8" and w.group == K)):
+                return f"a {w.format} weight of {K} columns with {G} scale groups (the kernels take groups of 32k)"
+        if not all(t.is_contiguous() for t in parts):
+            return "non-contiguous weight"
+    return None
+
+
+def _parts(w: Weight | None, name: str) -> dict:
+    """Keyword arguments of the C++ kernels for one weight: the tensor, and its scales if quantised."""
+    if isinstance(w, QuantWeight):
+        return {name: w.data, f"{name}_scale": w.scale}
+    return {name: w}
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with contiguous rows along its last dimension (a KV-cache slice already has them)."""
     return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
@@ -194,7 +227,12 @@ class CpuKernels:
                else self.pick.get("source", ""))
         many = ("ATen GEMMs (oneDNN" + (", AMX" if "amx_bf16" in cpu_info()["flags"] else "") + ")"
                 if self.aten else "moekit packed microkernel")
+        few = ("int8 activations x VNNI dot products" if "avx512_vnni" in cpu_info()["flags"]
+               else "dequantised weight tiles")
         return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
+                "int8 / int4 weights": f"moekit: {few} (< {QDECODE_TOKENS} tokens); more: weight tiles dequantised "
+                                       "for the packed microkernel" + (", experts: a dequantised copy on ATen GEMMs"
+                                                                       if self.aten else ""),
                 "experts": f"moekit fused MoE; experts with >= 16 tokens: {many} [{why}]",
                 "attention": "moekit (flash for many query tokens)",
                 "paged_attention": f"moekit: row kernel over the block table (<= {PAGED_ROW_MAX} new tokens of a "
@@ -212,7 +250,7 @@ class CpuKernels:
     def linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if quantized(w):
-            return self._fallback("linear", "quantised weights (no low-bit CPU kernel yet)")(x, w, b)
+            return self._qlinear(x, x2, w, b)
         if x2.shape[0] > MAX_TOKENS:  # by design: ATen's GEMM (AMX where there is one)
             return reference.linear(x, w, b)
         why = _unfit(x2, w, *(() if b is None else (b,))) or (None if w.is_contiguous() else "non-contiguous weight")
@@ -220,14 +258,26 @@ class CpuKernels:
             return self._fallback("linear", why)(x, w, b)
         return self.ext.linear(x2.contiguous(), w, b).view(*x.shape[:-1], w.shape[0])
 
+    def _qlinear(self, x: torch.Tensor, x2: torch.Tensor, w: QuantWeight, b: torch.Tensor | None) -> torch.Tensor:
+        why = _unfit_weights(x2, w, extra=() if b is None else (b,))
+        if why:
+            return self._fallback("linear", why)(x, w, b)
+        x2 = x2.contiguous()
+        out = [self.ext.qlinear(x2[t:t + QLINEAR_CHUNK], w.data, w.scale, b)
+               for t in range(0, max(x2.shape[0], 1), QLINEAR_CHUNK)]
+        return (out[0] if len(out) == 1 else torch.cat(out)).view(*x.shape[:-1], w.shape[0])
+
     def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() == 2 and not _unfit(h):
             return self.ext.silu_mul(h.contiguous())
         return reference.silu_mul(h)
 
     def mlp(self, x: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
-        if quantized(w13, w2):
-            return self._fallback("mlp", "quantised weights (no low-bit CPU kernel yet)")(x, w13, w2)
+        if quantized(w13, w2):  # any token count: dequantised weight tiles beat a whole dequantised copy
+            why = _unfit_weights(x, w13, w2)
+            if why:
+                return self._fallback("mlp", why)(x, w13, w2)
+            return self.ext.mlp(x.contiguous(), **_parts(w13, "w13"), **_parts(w2, "w2"))
         if x.shape[0] > MAX_TOKENS:
             return reference.mlp(x, w13, w2, act=self.silu_mul)
         why = _unfit(x, w13, w2) or (None if w13.is_contiguous() and w2.is_contiguous() else "non-contiguous weight")
@@ -236,18 +286,20 @@ class CpuKernels:
         return self.ext.mlp(x.contiguous(), w13, w2)
 
     def moe_experts(self, x_TD, experts: ExpertWeights, ids_TK, weights_TK) -> torch.Tensor:
-        tensors = experts.tensors()
-        why = (("quantised weights (no low-bit CPU kernel yet)" if experts.is_quantized() else None)
-               or _unfit(x_TD, *tensors) or (None if all(t.is_contiguous() for t in tensors) else "non-contiguous weight"))
+        why = _unfit_weights(x_TD, *experts.tensors())
         if why:
             return self._fallback("moe_experts", why)(x_TD, experts, ids_TK, weights_TK)
         gate = experts.shared_gate_T
+        weights = {**_parts(experts.w13, "w13"), **_parts(experts.w2, "w2")}
+        if experts.has_shared:
+            weights.update(**_parts(experts.shared_w13, "shared_w13"), **_parts(experts.shared_w2, "shared_w2"))
         out = []
         for t0 in range(0, x_TD.shape[0], MOE_CHUNK):
             part = slice(t0, t0 + MOE_CHUNK)
-            out.append(self.ext.moe(x_TD[part].contiguous(), experts.w13, experts.w2, ids_TK[part].contiguous(),
-                                    weights_TK[part].float().contiguous(), experts.shared_w13, experts.shared_w2,
-                                    None if gate is None else gate[part].float().contiguous(), aten=self.aten))
+            out.append(self.ext.moe(x_TD[part].contiguous(), ids=ids_TK[part].contiguous(),
+                                    weights=weights_TK[part].float().contiguous(),
+                                    shared_weights=None if gate is None else gate[part].float().contiguous(),
+                                    aten=self.aten, **weights))
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def route(self, logits_TE, k, score_func="softmax", renormalize=True, eps=0.0, bias_E=None):

@@ -16,10 +16,16 @@ bool has_avx512_bf16() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &moekit::linear, "y = x W^T (+ b) for a few tokens");
-  m.def("mlp", &moekit::mlp, "SwiGLU MLP for a few tokens");
-  m.def("moe", &moekit::moe, "routed SwiGLU experts (plus an optional shared expert); aten: ATen GEMMs for experts with many tokens", py::arg("x"),
+  m.def("qlinear", &moekit::qlinear, "y = x W^T (+ b) for int8 / int4 W (data, float16 scales)", py::arg("x"),
+        py::arg("w"), py::arg("scale"), py::arg("b") = py::none());
+  m.def("mlp", &moekit::mlp, "SwiGLU MLP (w13_scale, w2_scale: float16 scales of quantised weights)", py::arg("x"),
+        py::arg("w13"), py::arg("w2"), py::arg("w13_scale") = py::none(), py::arg("w2_scale") = py::none());
+  m.def("moe", &moekit::moe, "routed SwiGLU experts (plus an optional shared expert); aten: ATen GEMMs for experts "
+        "with many tokens; *_scale: the float16 scales of quantised weights", py::arg("x"),
         py::arg("w13"), py::arg("w2"), py::arg("ids"), py::arg("weights"), py::arg("shared_w13") = py::none(),
-        py::arg("shared_w2") = py::none(), py::arg("shared_weights") = py::none(), py::arg("aten") = false);
+        py::arg("shared_w2") = py::none(), py::arg("shared_weights") = py::none(), py::arg("aten") = false,
+        py::arg("w13_scale") = py::none(), py::arg("w2_scale") = py::none(), py::arg("shared_w13_scale") = py::none(),
+        py::arg("shared_w2_scale") = py::none());
   m.def("route", &moekit::route, "top-k routing of float32 logits", py::arg("logits"), py::arg("k"), py::arg("softmax"),
         py::arg("renorm"), py::arg("eps"), py::arg("scale"), py::arg("bias") = py::none());
   m.def("rms_norm", &moekit::rms_norm, "RMSNorm");

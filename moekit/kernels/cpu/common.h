@@ -150,10 +150,13 @@ inline void check_pair(const torch::Tensor& x, const torch::Tensor& w) {
 
 // Entry points (bindings.cpp exposes them to Python).
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b);
-torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2);
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> b);
+torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, c10::optional<torch::Tensor> q13,
+                  c10::optional<torch::Tensor> q2);
 torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor ids, torch::Tensor wts,
                   c10::optional<torch::Tensor> s13, c10::optional<torch::Tensor> s2, c10::optional<torch::Tensor> swts,
-                  bool aten);
+                  bool aten, c10::optional<torch::Tensor> q13, c10::optional<torch::Tensor> q2,
+                  c10::optional<torch::Tensor> qs13, c10::optional<torch::Tensor> qs2);
 std::vector<torch::Tensor> route(torch::Tensor logits, int64_t k, bool softmax, bool renorm, double eps, double scale,
                                  c10::optional<torch::Tensor> bias);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);

@@ -1,25 +1,11 @@
-// Dense linear, SwiGLU MLP, routing and the fused MoE layer (routed experts + optional shared expert).
+// SwiGLU MLP and the fused MoE layer (routed experts + optional shared expert), each weight plain
+// (the activation dtype) or quantised (qgemm.h).
+//
+// Shape legend: T tokens, D model width, F expert width, E experts, K experts per token.
 
-#include "gemm.h"
+#include "qgemm.h"
 
 namespace moekit {
-
-template <typename A>
-torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
-  const int64_t T = x.size(0), D = x.size(1), N = w.size(0);
-  std::vector<float> acc(T * N);
-  const A* W = (const A*)w.data_ptr();
-  const A* X = (const A*)x.data_ptr();
-  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> pack;
-    matmul_rows<A>(W, b0 * BLOCK, std::min(N, b1 * BLOCK), X, T, D, acc.data(), N, pack);
-  });
-  auto y = torch::empty({T, N}, x.options());
-  A* Y = (A*)y.data_ptr();
-  const A* B = b.has_value() ? (const A*)b->data_ptr() : nullptr;
-  for (int64_t i = 0; i < T * N; ++i) Y[i] = from_f<A>(acc[i] + (B ? to_f<A>(B[i % N]) : 0.f));
-  return y;
-}
 
 // out[c] = silu(g[c]) * u[c] from float32 gate/up values, each rounded to the activation dtype first.
 template <typename A>
@@ -47,7 +33,30 @@ struct Job {
   const A* w2;   // [D, F]
   int64_t F;     // this expert's (padded) width
   std::vector<A> x, act;
+  QMat q13, q2;   // quantised weights instead of w13 / w2, where set
+  QAct qx, qact;  // x and act quantised for them (few tokens)
 };
+
+// Rows [r, r + n) of a plain [*, K] weight, or of a quantised one dequantised into `tile`.
+template <typename A>
+inline const A* weight_rows(const A* w, const QMat& q, int64_t r, int64_t n, int64_t K, std::vector<A>& tile,
+                            int64_t at = 0) {
+  if (!q) return w + r * K;
+  tile.resize(std::max<int64_t>(tile.size(), (at + n) * K));
+  dequant_rows<A>(q, r, n, tile.data() + at * K);
+  return tile.data() + at * K;
+}
+
+// A plain weight as it is, or a quantised one dequantised into `buf` (in parallel).
+template <typename A>
+inline const A* whole(const A* w, const QMat& q, std::vector<A>& buf) {
+  if (!q) return w;
+  buf.resize(q.N * q.K);
+  at::parallel_for(0, (q.N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
+    dequant_rows<A>(q, b0 * BLOCK, std::min(q.N, b1 * BLOCK) - b0 * BLOCK, buf.data() + b0 * BLOCK * q.K);
+  });
+  return buf.data();
+}
 
 // The pair kernel (two 32-row blocks per pass) applies: bf16 with AVX512-BF16 and enough tokens.
 template <typename A>
@@ -75,8 +84,9 @@ template <typename A>
 void expert_aten(Job<A>& job, int64_t D, const torch::Tensor& like, std::vector<float>& out) {
   const int64_t n = job.tok.size(), F = job.F;
   auto x = torch::from_blob(job.x.data(), {n, D}, like.options());
-  auto w13 = torch::from_blob(const_cast<A*>(job.w13), {2 * F, D}, like.options());
-  auto w2 = torch::from_blob(const_cast<A*>(job.w2), {D, F}, like.options());
+  std::vector<A> t13, t2;  // quantised weights dequantised whole
+  auto w13 = torch::from_blob(const_cast<A*>(whole(job.w13, job.q13, t13)), {2 * F, D}, like.options());
+  auto w2 = torch::from_blob(const_cast<A*>(whole(job.w2, job.q2, t2)), {D, F}, like.options());
   torch::Tensor h = at::mm(x, w13.t()).to(torch::kFloat32).contiguous();  // [n, 2F], rounded to A by the GEMM
   const float* H = h.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) swiglu_row<A>(H + i * 2 * F, H + i * 2 * F + F, F, job.act.data() + i * F);
@@ -104,6 +114,9 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     job.act.resize(n * job.F);
     out[j].assign(n * D, 0.f);
     for (int64_t i = 0; i < n; ++i) std::memcpy(job.x.data() + i * D, X + job.tok[i] * D, D * sizeof(A));
+#if defined(__AVX512VNNI__)
+    if (job.q13 && qdecode(n)) quantize_act<A>(job.x.data(), n, D, D, job.q13.int4, job.qx);
+#endif
     if (aten && n >= VNNI_MIN_TOKENS) {
       big[j] = 1;
       expert_aten<A>(job, D, x, out[j]);
@@ -118,22 +131,43 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   for (size_t i = 0; i < item_job.size(); ++i) cost1[i] = ITEM_COST + jobs[item_job[i]].tok.size();
   balanced_for(cost1, [&](int64_t i0, int64_t i1) {
     std::vector<float> g, u;
+    QScales blk;
     std::vector<uint32_t> pack;
+    std::vector<A> tile;
     for (int64_t it = i0; it < i1; ++it) {
       auto& job = jobs[item_job[it]];
       const int64_t F = job.F, n = job.tok.size(), f0 = item_blk[it] * BLOCK, f1 = std::min(F, f0 + BLOCK), nf = f1 - f0;
       g.assign(n * nf, 0.f);
       u.assign(n * nf, 0.f);
-      if (pairs<A>(n, D)) {
-        pair_rows<A>(job.w13 + f0 * D, job.w13 + (F + f0) * D, nf, job.x.data(), n, D, g.data(), u.data(), nf, pack);
-      } else {
-        matmul_rows<A>(job.w13 + f0 * D, 0, nf, job.x.data(), n, D, g.data(), nf, pack);
-        matmul_rows<A>(job.w13 + (F + f0) * D, 0, nf, job.x.data(), n, D, u.data(), nf, pack);
+#if defined(__AVX512VNNI__)
+      if (job.q13 && qdecode(n)) {
+        qgemv_rows(job.q13.rows(f0, nf), 0, nf, job.qx, g.data(), nf, blk);
+        qgemv_rows(job.q13.rows(F + f0, nf), 0, nf, job.qx, u.data(), nf, blk);
+      } else
+#endif
+      {
+        if (job.q13) tile.resize(std::max<size_t>(tile.size(), 2 * nf * D));  // gate and up tiles, no realloc between
+        const A* wg = weight_rows(job.w13, job.q13, f0, nf, D, tile);
+        const A* wu = weight_rows(job.w13, job.q13, F + f0, nf, D, tile, nf);
+        if (pairs<A>(n, D)) {
+          pair_rows<A>(wg, wu, nf, job.x.data(), n, D, g.data(), u.data(), nf, pack);
+        } else {
+          matmul_rows<A>(wg, 0, nf, job.x.data(), n, D, g.data(), nf, pack);
+          matmul_rows<A>(wu, 0, nf, job.x.data(), n, D, u.data(), nf, pack);
+        }
       }
       for (int64_t i = 0; i < n; ++i)  // round like torch: gate, up and silu(gate) land in the activation dtype
         swiglu_row<A>(g.data() + i * nf, u.data() + i * nf, nf, job.act.data() + i * F + f0);
     }
   });
+#if defined(__AVX512VNNI__)
+  at::parallel_for(0, jobs.size(), 1, [&](int64_t j0, int64_t j1) {  // activations quantised for the down rows
+    for (int64_t j = j0; j < j1; ++j)
+      if (!big[j] && jobs[j].q2 && qdecode(jobs[j].tok.size()))
+        quantize_act<A>(jobs[j].act.data(), jobs[j].tok.size(), jobs[j].F, jobs[j].F, jobs[j].q2.int4,
+                        jobs[j].qact);
+  });
+#endif
   // Phase 2: each work item streams one expert's down-projection rows for one D-block (two blocks at
   // once where the pair kernel applies: many tokens, bf16).
   std::vector<int64_t> item_d0, item_d1;
@@ -152,15 +186,24 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     cost2[i] = (ITEM_COST + jobs[item_job[i]].tok.size()) * (item_d1[i] - item_d0[i]) / BLOCK;
   balanced_for(cost2, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> pack;
+    QScales blk;
+    std::vector<A> tile;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t j = item_job[it], d0 = item_d0[it], d1 = item_d1[it];
       auto& job = jobs[j];
       const int64_t n = job.tok.size(), F = job.F;
+#if defined(__AVX512VNNI__)
+      if (job.q2 && qdecode(n)) {
+        qgemv_rows(job.q2, d0, d1, job.qact, out[j].data(), D, blk);
+        continue;
+      }
+#endif
+      const A* w = weight_rows(job.w2, job.q2, d0, d1 - d0, F, tile);
       if (d1 - d0 == 2 * BLOCK && paired_down<A>(job))
-        pair_rows(job.w2 + d0 * F, job.w2 + (d0 + BLOCK) * F, BLOCK, job.act.data(), n, F, out[j].data() + d0,
-                  out[j].data() + d0 + BLOCK, D, pack);
+        pair_rows(w, w + BLOCK * F, BLOCK, job.act.data(), n, F, out[j].data() + d0, out[j].data() + d0 + BLOCK, D,
+                  pack);
       else
-        matmul_rows<A>(job.w2, d0, d1, job.act.data(), n, F, out[j].data(), D, pack);
+        matmul_rows<A>(w, 0, d1 - d0, job.act.data(), n, F, out[j].data() + d0, D, pack);
     }
   });
   // Combine in a fixed job order (deterministic), parallel over column blocks, each expert output
@@ -196,11 +239,29 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   return y;
 }
 
+// A stack of matrices [.., N, K] (or one): plain in the activation dtype, or quantised (`scale` defined).
 template <typename A>
-torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
-                       const torch::Tensor& ids, const torch::Tensor& wts, const torch::Tensor& s13,
-                       const torch::Tensor& s2, const torch::Tensor& swts, bool aten) {
-  const int64_t T = ids.size(0), K = ids.size(1), E = w13.size(0), F = w2.size(2), D = x.size(1);
+struct Stack {
+  const A* w = nullptr;
+  QMat q;
+  int64_t N, K;
+  Stack(const torch::Tensor& t, const torch::Tensor& scale, int64_t K) : N(t.size(-2)), K(K) {
+    if (scale.defined()) q = qmat(t, scale, K);
+    else w = (const A*)t.data_ptr();
+  }
+  Job<A> job(int64_t e, const Stack& down) const {  // expert e with its down projection
+    Job<A> j{{}, {}, w ? w + e * N * K : nullptr, down.w ? down.w + e * down.N * down.K : nullptr, down.K};
+    if (q) j.q13 = q.rows(e * N, N);
+    if (down.q) j.q2 = down.q.rows(e * down.N, down.N);
+    return j;
+  }
+};
+
+template <typename A>
+torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, const Stack<A>& w13, const Stack<A>& w2,
+                       const torch::Tensor& ids, const torch::Tensor& wts, const Stack<A>* s13, const Stack<A>* s2,
+                       const torch::Tensor& swts, bool aten) {
+  const int64_t T = ids.size(0), K = ids.size(1);
   const int64_t* I = ids.data_ptr<int64_t>();
   const float* Wt = wts.data_ptr<float>();
   std::vector<Job<A>> jobs;
@@ -211,13 +272,13 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& w13, const t
         if (I[t * K + k] == e) {
           if (slot[e] < 0) {
             slot[e] = jobs.size();
-            jobs.push_back(Job<A>{{}, {}, (const A*)w13.data_ptr() + e * 2 * F * D, (const A*)w2.data_ptr() + e * D * F, F});
+            jobs.push_back(w13.job(e, w2));
           }
           jobs[slot[e]].tok.push_back(t);
           jobs[slot[e]].wt.push_back(Wt[t * K + k]);
         }
-  if (s13.defined()) {  // the shared expert (its own width): one more job over every token, in the same pass
-    Job<A> shared{{}, {}, (const A*)s13.data_ptr(), (const A*)s2.data_ptr(), s2.size(1)};
+  if (s13) {  // the shared expert (its own width): one more job over every token, in the same pass
+    Job<A> shared = s13->job(0, *s2);
     const float* sw = swts.defined() ? swts.data_ptr<float>() : nullptr;
     for (int64_t t = 0; t < T; ++t) {
       shared.tok.push_back(t);
@@ -228,102 +289,72 @@ torch::Tensor moe_impl(const torch::Tensor& x, const torch::Tensor& w13, const t
   return experts_impl<A>(x, jobs, aten);
 }
 
-// Top-k routing of float32 logits [T, E]: softmax (or sigmoid) scores, the k largest (ties to the
-// lower index), optionally divided by their sum (+ eps), times scale. Returns (weights, ids).
-std::vector<torch::Tensor> route(torch::Tensor logits, int64_t k, bool softmax, bool renorm, double eps,
-                                 double scale, c10::optional<torch::Tensor> bias_opt) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous(),
-              "moekit cpu kernel: logits must be contiguous float32 [T, E]");
-  const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(0 < k && k <= E, "moekit cpu kernel: k out of range");
-  auto wts = torch::empty({T, k}, logits.options());
-  auto ids = torch::empty({T, k}, logits.options().dtype(torch::kLong));
-  const float* L = logits.data_ptr<float>();
-  float* Wp = wts.data_ptr<float>();
-  int64_t* Ip = ids.data_ptr<int64_t>();
-  std::vector<float> p(E), pick(E);
-  std::vector<int64_t> order(E);
-  const float* bias = nullptr;
-  if (bias_opt.has_value()) {
-    TORCH_CHECK(bias_opt->scalar_type() == torch::kFloat32 && bias_opt->is_contiguous() && bias_opt->numel() == E,
-                "moekit cpu kernel: bias must be contiguous float32 [E]");
-    bias = bias_opt->data_ptr<float>();
+// x [T, D] against a weight [.., N, K]: plain in x's dtype, or quantised (scale defined). Returns K.
+inline int64_t check_weight(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+  if (!scale.defined()) {
+    check_pair(x, w);
+    return w.size(-1);
   }
-  for (int64_t t = 0; t < T; ++t) {
-    const float* l = L + t * E;
-    if (softmax) {
-      float mx = -INFINITY, sum = 0.f;
-      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
-      for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
-      for (int64_t e = 0; e < E; ++e) p[e] /= sum;
-    } else {
-      for (int64_t e = 0; e < E; ++e) p[e] = 1.f / (1.f + std::exp(-l[e]));
-    }
-    for (int64_t e = 0; e < E; ++e) {  // the bias (DeepSeek-V3 balancing) shifts the selection only
-      order[e] = e;
-      pick[e] = bias ? p[e] + bias[e] : p[e];
-    }
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int64_t a, int64_t b) { return pick[a] > pick[b] || (pick[a] == pick[b] && a < b); });
-    float total = 0.f;
-    for (int64_t j = 0; j < k; ++j) total += p[order[j]];
-    const float div = renorm ? total + (float)eps : 1.f;
-    for (int64_t j = 0; j < k; ++j) {
-      Ip[t * k + j] = order[j];
-      Wp[t * k + j] = p[order[j]] / div * (float)scale;
-    }
-  }
-  return {wts, ids};
+  check(x.dim() == 2 && x.is_contiguous() && (is_bf16(x) || x.scalar_type() == torch::kFloat32),
+        "x must be contiguous bfloat16 or float32 [T, D]");
+  return w.scalar_type() == torch::kByte ? 2 * w.size(-1) : w.size(-1);  // qmat() checks the rest
 }
 
+inline torch::Tensor opt(const c10::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); }
+
 template <typename A>
-torch::Tensor mlp_impl(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2) {
-  const int64_t T = x.size(0);
-  std::vector<Job<A>> jobs(1);
-  for (int64_t t = 0; t < T; ++t) {
+torch::Tensor mlp_impl(const torch::Tensor& x, const Stack<A>& w13, const Stack<A>& w2) {
+  std::vector<Job<A>> jobs{w13.job(0, w2)};
+  for (int64_t t = 0; t < x.size(0); ++t) {
     jobs[0].tok.push_back(t);
     jobs[0].wt.push_back(1.f);
   }
-  jobs[0].w13 = (const A*)w13.data_ptr();
-  jobs[0].w2 = (const A*)w2.data_ptr();
-  jobs[0].F = w2.size(1);
   return experts_impl<A>(x, jobs, false);
 }
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
-  check_pair(x, w);
-  check(w.dim() == 2 && w.size(1) == x.size(1), "weight must be [N, D]");
-  return is_bf16(x) ? linear_impl<bf16>(x, w, b) : linear_impl<float>(x, w, b);
+torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, c10::optional<torch::Tensor> q13,
+                  c10::optional<torch::Tensor> q2) {
+  const int64_t D = check_weight(x, w13, opt(q13)), F = check_weight(x, w2, opt(q2));
+  check(w13.dim() == 2 && w2.dim() == 2 && w13.size(0) == 2 * F && D == x.size(1) && w2.size(0) == D, "MLP shapes");
+  if (is_bf16(x)) return mlp_impl<bf16>(x, Stack<bf16>(w13, opt(q13), D), Stack<bf16>(w2, opt(q2), F));
+  return mlp_impl<float>(x, Stack<float>(w13, opt(q13), D), Stack<float>(w2, opt(q2), F));
 }
 
-torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2) {
-  check_pair(x, w13);
-  check_pair(x, w2);
-  check(w13.size(0) == 2 * w2.size(1) && w13.size(1) == x.size(1) && w2.size(0) == x.size(1), "MLP shapes");
-  return is_bf16(x) ? mlp_impl<bf16>(x, w13, w2) : mlp_impl<float>(x, w13, w2);
+template <typename A>
+torch::Tensor moe_t(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2, const torch::Tensor& ids,
+                    const torch::Tensor& wts, const torch::Tensor& s13, const torch::Tensor& s2,
+                    const torch::Tensor& swts, bool aten, const torch::Tensor* q) {
+  const int64_t D = x.size(1);
+  Stack<A> a13(w13, q[0], D), a2(w2, q[1], w13.size(1) / 2);
+  if (!s13.defined()) return moe_impl<A>(x, w13.size(0), a13, a2, ids, wts, nullptr, nullptr, swts, aten);
+  Stack<A> b13(s13, q[2], D), b2(s2, q[3], s13.size(0) / 2);
+  return moe_impl<A>(x, w13.size(0), a13, a2, ids, wts, &b13, &b2, swts, aten);
 }
 
+// Routed experts w13 [E, 2F, D], w2 [E, D, F] and an optional shared expert s13 [2Fs, D], s2 [D, Fs];
+// q13 .. qs2: the float16 scales of those that are quantised (their data int8, or uint8 for int4).
 torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor ids, torch::Tensor wts,
                   c10::optional<torch::Tensor> s13_opt, c10::optional<torch::Tensor> s2_opt,
-                  c10::optional<torch::Tensor> swts_opt, bool aten) {
-  check_pair(x, w13);
-  check_pair(x, w2);
-  torch::Tensor s13 = s13_opt.has_value() ? *s13_opt : torch::Tensor();
-  torch::Tensor s2 = s2_opt.has_value() ? *s2_opt : torch::Tensor();
-  torch::Tensor swts = swts_opt.has_value() ? *swts_opt : torch::Tensor();
+                  c10::optional<torch::Tensor> swts_opt, bool aten, c10::optional<torch::Tensor> q13,
+                  c10::optional<torch::Tensor> q2, c10::optional<torch::Tensor> qs13,
+                  c10::optional<torch::Tensor> qs2) {
+  const torch::Tensor s13 = opt(s13_opt), s2 = opt(s2_opt), swts = opt(swts_opt);
+  const torch::Tensor q[4] = {opt(q13), opt(q2), opt(qs13), opt(qs2)};
+  const int64_t D = check_weight(x, w13, q[0]), F = check_weight(x, w2, q[1]);
   if (s13.defined()) {
-    check_pair(x, s13);
-    check_pair(x, s2);
-    check(s13.size(0) == 2 * s2.size(1) && s13.size(1) == x.size(1) && s2.size(0) == x.size(1), "shared MLP shapes");
+    const int64_t Ds = check_weight(x, s13, q[2]), Fs = check_weight(x, s2, q[3]);
+    check(s13.dim() == 2 && s2.dim() == 2 && s13.size(0) == 2 * Fs && Ds == x.size(1) && s2.size(0) == x.size(1),
+          "shared MLP shapes");
     check(!swts.defined() || (swts.scalar_type() == torch::kFloat32 && swts.is_contiguous() &&
                               swts.numel() == x.size(0)), "shared weights must be float32 [T]");
   }
-  check(w13.dim() == 3 && w2.dim() == 3 && w13.size(1) == 2 * w2.size(2) && w13.size(2) == x.size(1), "expert shapes");
+  check(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) == 2 * F && D == x.size(1) &&
+            w2.size(1) == D, "expert shapes");
   check(ids.scalar_type() == torch::kLong && wts.scalar_type() == torch::kFloat32 && ids.is_contiguous() &&
             wts.is_contiguous() && ids.sizes() == wts.sizes() && ids.size(0) == x.size(0),
         "ids must be int64 [T, K] and weights float32 [T, K]");
-  return is_bf16(x) ? moe_impl<bf16>(x, w13, w2, ids, wts, s13, s2, swts, aten)
-                    : moe_impl<float>(x, w13, w2, ids, wts, s13, s2, swts, aten);
+  return is_bf16(x) ? moe_t<bf16>(x, w13, w2, ids, wts, s13, s2, swts, aten, q)
+                    : moe_t<float>(x, w13, w2, ids, wts, s13, s2, swts, aten, q);
 }
 
 }  // namespace moekit
