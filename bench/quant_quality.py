@@ -2,7 +2,8 @@
 
     python bench/quant_quality.py --model moekit/assets/default --data recipes/embedded/data/kjv.txt \
         recipes/embedded/data/en.txt recipes/embedded/data/zh.txt --out bench/results/DATE/quant_quality_embedded.json
-    python bench/quant_quality.py --model runs/kjv/final --data recipes/kjv/data/kjv.txt --separator $'\\n\\n' ...
+    python bench/quant_quality.py --model runs/kjv/model --tokenizer recipes/kjv/data/tokenizer \
+        --data recipes/kjv/data/kjv.txt --separator '\n\n' --out bench/results/DATE/quant_quality_kjv.json
 
 Every held-out document of each data file (moekit.train.data.is_heldout: every 50th document,
 the rule training used with ``heldout: 0.02``) is scored whole, BOS to EOS, in windows of
@@ -55,6 +56,7 @@ def mean_loss(model, rows: list[list[int]], window: int) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model's)")
     ap.add_argument("--data", type=Path, nargs="+", required=True, help="text files of the model's training sources")
     ap.add_argument("--separator", default="\n\n\n", help="document separator of the data files")
     ap.add_argument("--heldout", type=float, default=0.02)
@@ -63,7 +65,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    tok = moekit.Tokenizer.from_pretrained(args.model)
+    tok = moekit.Tokenizer.from_pretrained(args.tokenizer or args.model)
     rows = heldout_rows(tok, args.data, args.separator.encode().decode("unicode_escape"), args.heldout)
     print(f"{len(rows)} held-out documents, {sum(len(r) for r in rows) - len(rows)} scored tokens", file=sys.stderr)
     results = {}
