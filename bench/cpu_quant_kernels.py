@@ -31,7 +31,8 @@ from moekit.machine import cpu_info  # noqa: E402
 
 # name: (D, F, E, K, shared width, layers)
 SHAPES = {"mixtral": (1024, 3584, 8, 2, 0, 4), "xverse": (2560, 1728, 64, 6, 3456, 2)}
-FORMATS = {"bf16": None, "int8": ("int8", None), "int4": ("int4", 32)}  # int4: GGUF Q4_0's group
+# int8: one scale per output channel (moekit quantize's default); int4: groups of 32 (GGUF Q4_0) and 64 (the default)
+FORMATS = {"bf16": None, "int8": ("int8", None), "int4": ("int4", 32), "int4-g64": ("int4", 64)}
 
 
 def weight(shape, fmt, g: torch.Generator):

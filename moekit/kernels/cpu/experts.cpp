@@ -161,11 +161,19 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     }
   });
 #if defined(__AVX512VNNI__)
-  at::parallel_for(0, jobs.size(), 1, [&](int64_t j0, int64_t j1) {  // activations quantised for the down rows
-    for (int64_t j = j0; j < j1; ++j)
-      if (!big[j] && jobs[j].q2 && qdecode(jobs[j].tok.size()))
-        quantize_act<A>(jobs[j].act.data(), jobs[j].tok.size(), jobs[j].F, jobs[j].F, jobs[j].q2.int4,
-                        jobs[j].qact);
+  std::vector<int64_t> todo;  // jobs whose activations are quantised for their down rows
+  int64_t elements = 0;
+  for (size_t j = 0; j < jobs.size(); ++j)
+    if (!big[j] && jobs[j].q2 && qdecode(jobs[j].tok.size())) {
+      todo.push_back(j);
+      elements += jobs[j].tok.size() * jobs[j].F;
+    }
+  // a parallel region only where it pays: each one waits for every thread, a descheduled one included
+  at::parallel_for(0, todo.size(), elements < (1 << 16) ? todo.size() : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      auto& job = jobs[todo[i]];
+      quantize_act<A>(job.act.data(), job.tok.size(), job.F, job.F, job.q2.int4, job.qact);
+    }
   });
 #endif
   // Phase 2: each work item streams one expert's down-projection rows for one D-block (two blocks at
