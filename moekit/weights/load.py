@@ -117,14 +117,15 @@ def _header(path: Path) -> dict | None:
         return None
 
 
-def _type_problem(file: Path, name: str, got: str, want: torch.dtype) -> str | None:
-    """Why a tensor stored as ``got`` (a safetensors dtype name) cannot fill a view of dtype ``want``."""
+def _type_problem(file: Path, name: str, got: str, want: torch.dtype, shown: str | None = None) -> str | None:
+    """Why a tensor stored as ``got`` (a safetensors dtype name; ``shown`` in the message if given)
+    cannot fill a view of dtype ``want``."""
     floating = got.startswith(("F", "BF"))
     if want.is_floating_point and not floating:
-        return f"{file.name}: tensor {name!r} holds {got} integers; a floating-point weight belongs there"
+        return f"{file.name}: tensor {name!r} holds {shown or got} integers; a floating-point weight belongs there"
     if not want.is_floating_point and got != SAFE_DTYPES[want]:
-        return (f"{file.name}: tensor {name!r} holds {got}; a quantised weight stores {SAFE_DTYPES[want]} there "
-                "(config.json's quantization_config)")
+        return (f"{file.name}: tensor {name!r} holds {shown or got}; a quantised weight stores {SAFE_DTYPES[want]} "
+                "there (config.json's quantization_config)")
     return None
 
 
@@ -228,7 +229,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                 misshaped.append(f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
                                  f"config.json implies {list(view.shape)}")
                 continue
-            if why := _type_problem(file, name, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)), view.dtype):
+            if why := _type_problem(file, name, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)), view.dtype,
+                                    shown=None if file.suffix == ".safetensors" else str(tensor.dtype)):
                 wrong_type.append(why)
                 continue
             with torch.no_grad():
