@@ -78,3 +78,19 @@ def test_load_defaults_to_the_fast_path_and_logs_it(checkpoints, monkeypatch, ca
     assert model.kernels.name == "cpu"
     logged = [r.getMessage() for r in caplog.records]
     assert logged[0].startswith("kernels: cpu") and any(line.startswith("  experts: ") for line in logged)
+
+
+def test_one_token_forward_without_a_cache():
+    """A key/value of one position sliced from the fused projection has a row stride no kernel reads but
+    the C++ attention checks; head width 16 so the C++ attention (not its fallback) runs."""
+    from moekit.config import ModelConfig, MoEConfig
+    from moekit.models import MoEDecoder
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_width=32), max_position_embeddings=32)
+    fast, ref = MoEDecoder(cfg, kernels="cpu"), MoEDecoder(cfg, kernels="reference")
+    fast.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.tensor([[5]])  # batch 1 too: .contiguous() then sees nothing to do
+    with torch.inference_mode():
+        assert rel(fast(ids), ref(ids)) < 1e-4

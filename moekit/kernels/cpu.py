@@ -200,8 +200,11 @@ def _parts(w: Weight | None, name: str) -> dict:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with contiguous rows along its last dimension (a KV-cache slice already has them)."""
-    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+    """``t`` with contiguous rows along its last dimension (a KV-cache slice already has them). A fresh
+    copy otherwise: ``.contiguous()`` keeps any stride of a size-1 dim (one key of a one-token forward)."""
+    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 class CpuKernels:
