@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moekit.errors import MoekitError
-from moekit.tokenizer import Tokenizer
+from moekit.tokenizer import Tokenizer, _varint
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +171,6 @@ def _normalizer_flags(proto: bytes) -> tuple[bool, bool]:
         if num == 3 and isinstance(value, bytes):
             flags.update({k: bool(v) for k, v in fields(value) if k in flags and isinstance(v, int)})
     return flags[3], flags[4]
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return value, i
 
 
 def _tokenizer_json(path: Path) -> Vocab:

@@ -161,6 +161,17 @@ def _non_finite(file: Path, sums: list, expected: dict) -> list[str]:
     return out
 
 
+def stored_format(folder: Path, cfg: ModelConfig, dtype) -> tuple[torch.dtype, QuantConfig | None]:
+    """The dtype to compute in (``dtype``, else the config's ``torch_dtype``, else float32) and the
+    checkpoint's ``quantization_config`` (None for a floating-point checkpoint)."""
+    hf = cfg.extra
+    dtype = as_dtype(dtype) or as_dtype(hf.get("torch_dtype") or hf.get("dtype")) or torch.float32
+    try:
+        return dtype, QuantConfig.from_json(hf["quantization_config"]) if hf.get("quantization_config") else None
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+
+
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
          group: int | None = None, max_memory: float | None = None) -> MoEDecoder:
@@ -187,12 +198,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                          group=group)
     folder = Path(path)
     cfg, family, files, wmap = read_config(folder)
-    hf = cfg.extra
-    dtype = as_dtype(dtype) or as_dtype(hf.get("torch_dtype") or hf.get("dtype")) or torch.float32
-    try:
-        quant = QuantConfig.from_json(hf["quantization_config"]) if hf.get("quantization_config") else None
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    dtype, quant = stored_format(folder, cfg, dtype)
     wanted = QuantConfig.of(quantize, group) if quantize else None  # a ConfigError names the bad argument
     if quant and wanted:
         raise CheckpointError(f"{folder}: already quantised ({quant.format}); load it without quantize=, or "

@@ -33,13 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moekit.config import ConfigError
 from moekit.errors import MoekitError
 from moekit.families import NameMap
 from moekit.kernels.weights import QuantWeight
 from moekit.models import MoEDecoder
 from moekit.models.moe import MoE
-from moekit.models.quantize import QuantConfig, quantize_model
+from moekit.models.quantize import quantize_model
 from moekit.weights.expert_cache import PAGE, Expert, ExpertCache, Stored, size, virtual
 from moekit.weights.io import CheckpointError
 from moekit.weights.load import (
@@ -50,8 +49,8 @@ from moekit.weights.load import (
     _non_finite,
     _on_meta,
     _raise,
-    as_dtype,
     read_config,
+    stored_format,
 )
 
 log = logging.getLogger(__name__)
@@ -138,12 +137,7 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
         raise CheckpointError(f"{folder}: expert offload reads each expert at its byte offset in a safetensors file, "
                               f"but {pickles[0]} is a PyTorch pickle (.bin), which can only be loaded whole; convert "
                               "the folder once (moekit.save(moekit.load(folder), new_folder) writes safetensors)")
-    hf = cfg.extra
-    dtype = as_dtype(dtype) or as_dtype(hf.get("torch_dtype") or hf.get("dtype")) or torch.float32
-    try:
-        quant = QuantConfig.from_json(hf["quantization_config"]) if hf.get("quantization_config") else None
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    dtype, quant = stored_format(folder, cfg, dtype)
     _check_size(cfg, folder, files, quant)
     meta = _on_meta(cfg, dtype, device, kernels)
     if quant:
