@@ -59,12 +59,14 @@ class Engine:
     def __init__(self, model: MoEDecoder, eos_token_ids: Sequence[int] | int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, kv_cache_bytes: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True, cuda_graph: bool | None = None,
-                 adapt_threads: bool = True):
+                 adapt_threads: bool = True, fused_decode: bool = True):
         """max_num_seqs: requests running at once; max_num_batched_tokens: tokens per step (decodes +
         prefill chunks); kv_cache_bytes: the KV pool (default: enough for max_num_seqs full contexts,
         at most a quarter of RAM / 40% of free GPU memory); prefix_caching: reuse cached prompt blocks.
         cuda_graph: decode steps through captured CUDA graphs (None = on a CUDA device).
-        adapt_threads: on the CPU, use only the cores other processes leave free."""
+        adapt_threads: on the CPU, use only the cores other processes leave free.
+        fused_decode: run pure decode steps as one call into the kernels where the backend can (the CPU
+        kernels: moekit/kernels/cpu_decode.py; the same logits as the per-op path); ``decode_path`` says."""
         self.model, cfg = model, model.config
         w = model.embed.weight
         self.device, self.dtype = w.device, w.dtype
@@ -92,6 +94,10 @@ class Engine:
         self._governing = False
         use_graphs = (self.device.type == "cuda" if cuda_graph is None else cuda_graph) and applies(model)
         self.graphs = GraphRunner(self, capture=self.device.type == "cuda") if use_graphs else None
+        self.fused, self.decode_path = None, "CUDA graphs" if self.graphs is not None else "per-op forward"
+        if self.graphs is None and fused_decode and model.kernels.fused_decoder is not None:
+            self.fused, why = model.kernels.fused_decoder(model)
+            self.decode_path = "fused: one call per step" if self.fused is not None else f"per-op forward ({why})"
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id if cfg.eos_token_id is not None else ()
         self.eos_token_ids = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(eos_token_ids)
@@ -238,6 +244,13 @@ class Engine:
             self.governor.update()
         if self.graphs is not None and decode_only and self.graphs.fits(len(plan), M):
             logits_KV = self.graphs.run(ids, pos, slots, table, lens)
+        elif self.fused is not None and decode_only and self.fused.applies(len(ids)):
+            table_RM = torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32)
+            logits_KV = self.fused(torch.tensor(ids), torch.tensor(pos), max(pos) + 1, torch.tensor(slots), table_RM,
+                                   torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                                   self.kv)
+            if len(rows) != len(ids):
+                logits_KV = logits_KV[rows]
         else:
             table_RM = torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32, device=dev)
             batch = PagedBatch(self.kv, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), table_RM,

@@ -223,6 +223,12 @@ class CpuKernels:
     def advise_weights(self, tensors) -> None:
         advise_weights(tensors)
 
+    def fused_decoder(self, model):
+        """(the whole-model decode step of ``model`` for the engine, or None, and why not): cpu_decode.py."""
+        from moekit.kernels import cpu_decode
+
+        return cpu_decode.build(model, self.aten)
+
     def paths(self) -> dict[str, str]:
         """What runs each op (for the load log and ``moekit info --kernels``)."""
         secs = self.pick.get("seconds") or {}
@@ -240,7 +246,8 @@ class CpuKernels:
                 "attention": "moekit (flash for many query tokens)",
                 "paged_attention": f"moekit: row kernel over the block table (<= {PAGED_ROW_MAX} new tokens of a "
                                    "request), flash over gathered key blocks (more)",
-                "rms_norm, rotary, route": "moekit"}
+                "rms_norm, rotary, route": "moekit",
+                "engine decode steps": "the whole forward in one C++ call (<= 32 requests; cpu_decode.py)"}
 
     def _fallback(self, op: str, reason: str):
         """Say once per (op, reason) that a call ran on the reference path."""

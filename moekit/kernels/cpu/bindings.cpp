@@ -12,6 +12,7 @@ bool has_avx512_bf16() {
   return false;
 #endif
 }
+void bind_decoder(pybind11::module_& m);  // decode.cpp
 }  // namespace moekit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -34,5 +35,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &moekit::attention, "attention of a few query tokens over a KV cache slice");
   m.def("paged_attention", &moekit::paged_attention, "causal attention of many requests' new tokens over a paged KV cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("table"), py::arg("starts"), py::arg("lens"), py::arg("scale"));
+  moekit::bind_decoder(m);
   m.def("has_avx512_bf16", &moekit::has_avx512_bf16, "whether vdpbf16ps is compiled in");
 }

@@ -108,6 +108,25 @@ inline void add_sums(__m512 (&acc)[TB][RR], float* out, int64_t ldo) {
 }
 #endif
 
+// One head of rotate-half RoPE: o = x * cos + [-x2, x1] * sin over a row of 2 * half values (rotary() and the
+// fused decode step share it, so both round alike).
+template <typename A>
+inline void rope_row(const A* x, const A* c, const A* s, A* o, int64_t half) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= half; d += 16) {
+    const __m512 x1 = load16(x + d), x2 = load16(x + d + half);
+    store16(o + d, _mm512_fmsub_ps(x1, load16(c + d), _mm512_mul_ps(x2, load16(s + d))));
+    store16(o + d + half, _mm512_fmadd_ps(x2, load16(c + d + half), _mm512_mul_ps(x1, load16(s + d + half))));
+  }
+#endif
+  for (; d < half; ++d) {
+    const float x1 = to_f<A>(x[d]), x2 = to_f<A>(x[d + half]);
+    o[d] = from_f<A>(x1 * to_f<A>(c[d]) - x2 * to_f<A>(s[d]));
+    o[d + half] = from_f<A>(x2 * to_f<A>(c[d + half]) + x1 * to_f<A>(s[d + half]));
+  }
+}
+
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
 // A work item costs about ITEM_COST tokens' worth of arithmetic just to stream its weight rows from

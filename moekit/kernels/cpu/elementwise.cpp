@@ -79,23 +79,7 @@ torch::Tensor rotary_impl(const torch::Tensor& x, const torch::Tensor& cos, cons
   at::parallel_for(0, B * N * T, std::max<int64_t>(1, MIN_PARALLEL / Dh), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (N * T), t = i % T;
-      const A* xr = X + i * Dh;
-      const A* c = C + (b * T + t) * Dh;
-      const A* s = S + (b * T + t) * Dh;
-      A* o = O + i * Dh;
-      int64_t d = 0;
-#if defined(__AVX512F__)
-      for (; d + 16 <= half; d += 16) {
-        const __m512 x1 = load16(xr + d), x2 = load16(xr + d + half);
-        store16(o + d, _mm512_fmsub_ps(x1, load16(c + d), _mm512_mul_ps(x2, load16(s + d))));
-        store16(o + d + half, _mm512_fmadd_ps(x2, load16(c + d + half), _mm512_mul_ps(x1, load16(s + d + half))));
-      }
-#endif
-      for (; d < half; ++d) {
-        const float x1 = to_f<A>(xr[d]), x2 = to_f<A>(xr[d + half]);
-        o[d] = from_f<A>(x1 * to_f<A>(c[d]) - x2 * to_f<A>(s[d]));
-        o[d + half] = from_f<A>(x2 * to_f<A>(c[d + half]) + x1 * to_f<A>(s[d + half]));
-      }
+      rope_row(X + i * Dh, C + (b * T + t) * Dh, S + (b * T + t) * Dh, O + i * Dh, half);
     }
   });
   return out;
