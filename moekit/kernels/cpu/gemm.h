@@ -21,7 +21,7 @@ inline void dot_block(const bf16* W, int64_t ldw, const bf16* X, int64_t ldx, in
   int64_t d = 0;
   for (; d + 32 <= D; d += 32) {
     __m512bh w[RR];
-    for (int r = 0; r < RR; ++r) _mm_prefetch((const char*)(W + (r + RR) * ldw + d), _MM_HINT_T0);
+    for (int r = 0; r < RR; ++r) _mm_prefetch((const char*)(W + (r + 2 * RR) * ldw + d), _MM_HINT_T1);
     for (int r = 0; r < RR; ++r) w[r] = (__m512bh)_mm512_loadu_si512(W + r * ldw + d);
     for (int t = 0; t < TB; ++t) {
       __m512bh x = (__m512bh)_mm512_loadu_si512(X + t * ldx + d);
@@ -57,7 +57,7 @@ inline void dot_block(const float* W, int64_t ldw, const float* X, int64_t ldx, 
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     __m512 w[RR];
-    for (int r = 0; r < RR; ++r) _mm_prefetch((const char*)(W + (r + RR) * ldw + d), _MM_HINT_T0);
+    for (int r = 0; r < RR; ++r) _mm_prefetch((const char*)(W + (r + 2 * RR) * ldw + d), _MM_HINT_T1);
     for (int r = 0; r < RR; ++r) w[r] = _mm512_loadu_ps(W + r * ldw + d);
     for (int t = 0; t < TB; ++t) {
       __m512 x = _mm512_loadu_ps(X + t * ldx + d);
