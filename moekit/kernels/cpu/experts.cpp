@@ -218,7 +218,8 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   // rounded to the activation dtype first as torch's bf16 linear would leave it.
   auto y = torch::empty({T, D}, x.options());
   A* Y = (A*)y.data_ptr();
-  at::parallel_for(0, (D + 255) / 256, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t blocks = (D + 255) / 256, combined = T * D * (int64_t)jobs.size();
+  at::parallel_for(0, blocks, combined < (1 << 16) ? blocks : 1, [&](int64_t b0, int64_t b1) {  // decode: inline
     const int64_t c0 = b0 * 256, c1 = std::min(D, b1 * 256);
     std::vector<float> acc(T * (c1 - c0), 0.f);
     const int64_t w = c1 - c0;

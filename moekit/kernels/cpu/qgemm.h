@@ -51,6 +51,7 @@ struct QAct {
   std::vector<int8_t> q;      // [T, C, 64] (int8) or [T, C, 2, 64] (int4), zero past K
   std::vector<float> dx;      // [T, C, 16]
   std::vector<int32_t> bias;  // [T, C, 16]
+  std::vector<float> db;      // int4: [T, C, 4], each block's scale
   int64_t chunk_bytes() const { return int4 ? 128 : 64; }
 };
 
@@ -69,6 +70,7 @@ void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, bool int4, QAct
   a.q.assign(T * a.C * 64 * (int4 ? 2 : 1), 0);
   a.dx.assign(T * a.C * 16, 0.f);
   a.bias.assign(T * a.C * 16, 0);
+  a.db.assign(int4 ? T * a.C * 4 : 0, 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k0 = 0; k0 < K; k0 += 32) {
       const int64_t n = std::min<int64_t>(32, K - k0), j = k0 % span / 32, at = t * a.C + k0 / span;
@@ -84,6 +86,7 @@ void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, bool int4, QAct
       const int64_t lane = at * 16 + (int4 ? 4 : 8) * j;  // int32 lanes of this block: 4 (int4) or 8 in a row
       std::fill_n(a.dx.data() + lane, int4 ? 4 : 8, amax / 127.f);
       a.bias[lane] = -(int4 ? 8 : 128) * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      if (int4) a.db[t * a.C * 4 + k0 / 32] = amax / 127.f;
     }
 }
 
@@ -204,6 +207,28 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
   __m512 sc[RR];  // the rows' 4 * SCALES scales, as float
   for (int i = 0; i < RR; ++i)
     sc[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << (4 * SCALES)) - 1), sp[i] + c0 * SCALES));
+  if constexpr (TB == 1) {  // each row's scales times the token's, block by block, once for the four chunks
+    const __m512i expand = PER == 1 ? _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+                         : PER == 2 ? _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
+                                    : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i g32 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512 db = _mm512_loadu_ps(a.db.data() + (t0 * a.C + c0) * 4);
+    __m512 pr[RR];
+    for (int i = 0; i < RR; ++i) pr[i] = _mm512_mul_ps(db, PER == 1 ? sc[i] : _mm512_permutexvar_ps(expand, sc[i]));
+    for (int k = 0; k < 4; ++k) {
+      const int64_t c = c0 + k, at = t0 * a.C + c;
+      const __m512i pick = _mm512_add_epi32(g32, _mm512_set1_epi32(4 * k));
+      const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
+      const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
+      for (int i = 0; i < RR; ++i) {
+        _mm_prefetch((const char*)(rp[i] + c * 64 + pf), _MM_HINT_T1);
+        const __m512i v = _mm512_loadu_si512(rp[i] + c * 64);
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, _mm512_and_si512(v, m4), xl), high_nibbles(v), xh);
+        acc[0][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(pick, pr[i]), acc[0][i]);
+      }
+    }
+    return;
+  }
   for (int k = 0; k < 4; ++k) {
     const int64_t c = c0 + k;
     const __m512i pick = _mm512_add_epi32(lanes, _mm512_set1_epi32(k * SCALES));
@@ -228,13 +253,12 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
   }
 }
 
-// out[t * ldo + i] += row r + i of int4 W . token t0 + t, for RR rows and TB tokens (groups of PER blocks).
+// acc[t][i] = the lanes of row r + i of int4 W . token t0 + t, for RR rows and TB tokens (groups of PER blocks).
 template <int TB, int RR, int PER>
-inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, float* out, int64_t ldo) {
+inline void qacc4(const QMat& W, int64_t r, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR]) {
   const uint8_t* rp[RR];
   const uint16_t* sp[RR];
   for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i), sp[i] = W.srow(r + i);
-  __m512 acc[TB][RR];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
   const int64_t whole = W.K / 128, pf = prefetch_distance(W.row_bytes());
@@ -242,6 +266,12 @@ inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, flo
   for (; c + 4 <= whole; c += 4) qquad4<TB, RR, PER>(acc, rp, sp, a, t0, c, pf);
   for (; c < whole; ++c) qchunk4<TB, RR, PER>(acc, rp, sp, a, t0, c, 4, pf);
   if (whole < a.C) qchunk4<TB, RR, PER>(acc, rp, sp, a, t0, whole, int(W.K % 128 / 32), pf);
+}
+
+template <int TB, int RR, int PER>
+inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, float* out, int64_t ldo) {
+  __m512 acc[TB][RR];
+  qacc4<TB, RR, PER>(W, r, a, t0, acc);
   add_sums<TB, RR>(acc, out, ldo);
 }
 
@@ -249,6 +279,16 @@ template <int PER>
 inline void qgemv4(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo) {
   const int64_t T = a.T;
   int64_t r = r0;
+  if (T == 1)  // one token: four 4-row blocks share one horizontal reduction (short rows make it count)
+    for (; r + 16 <= r1; r += 16) {
+      __m512 v[16];
+      for (int g = 0; g < 4; ++g) {
+        __m512 acc[1][4];
+        qacc4<1, 4, PER>(W, r + 4 * g, a, 0, acc);
+        for (int i = 0; i < 4; ++i) v[4 * g + i] = acc[0][i];
+      }
+      _mm512_storeu_ps(Y + r, _mm512_add_ps(_mm512_loadu_ps(Y + r), reduce16(v)));
+    }
   for (; r + 4 <= r1; r += 4) {
     int64_t t = 0;
     for (; t + 4 <= T; t += 4) qdot_block4<4, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
