@@ -1,95 +1,21 @@
 // Low-bit weights (moekit/kernels/weights.py: int8 or int4 values with float16 group scales) x tokens.
 // - Few tokens (decode): the activations are quantised once per call to int8 in 32-column blocks
-//   (llama.cpp's Q8_0), then vpdpbusd multiplies unsigned weight bytes (int8 q + 128, int4 q + 8 as
-//   stored) by the signed activations, 64 columns per instruction; the offset is taken out through the
+//   (llama.cpp's Q8_0, qact.h), then vpdpbusd multiplies unsigned weight bytes (int8 q + 128 here, int4
+//   q + 8 as stored: qgemm4.h) by the signed activations; the offset is taken out through the
 //   accumulator's start value, and the block and weight scales are applied in float. Each weight byte
-//   is read once, with the next rows prefetched, so decode runs at memory speed.
+//   is read once, with rows 16 ahead prefetched, so decode runs near memory speed.
 // - Many tokens (prefill): 32-row weight tiles are dequantised to the activation dtype, exactly the
 //   reference's q * scale rounded to bf16, and fed to gemm.h's kernels (the packed bf16 microkernel).
 //
 // Shape legend: T tokens, N weight rows, K input columns, G = K / group scale groups per row,
-// B = ceil(K / 32) activation blocks, C = ceil(K / 64) column chunks (two blocks each).
+// C = ceil(K / 64) int8 column chunks (two blocks each).
 #pragma once
 
-#include "gemm.h"
+#include "qgemm4.h"
 
 namespace moekit {
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
-// One quantised matrix [N, K] (a view into a QuantWeight's buffers).
-struct QMat {
-  const uint8_t* data = nullptr;    // int8 [N, K], or int4 [N, K / 2] in Q4_0's nibble layout (q + 8)
-  const uint16_t* scale = nullptr;  // float16 [N, G]
-  int64_t N = 0, K = 0, group = 0;
-  bool int4 = false;
-  explicit operator bool() const { return data != nullptr; }
-  int64_t G() const { return K / group; }
-  int64_t row_bytes() const { return int4 ? K / 2 : K; }
-  const uint8_t* row(int64_t r) const { return data + r * row_bytes(); }
-  const uint16_t* srow(int64_t r) const { return scale + r * G(); }
-  QMat rows(int64_t r0, int64_t n) const {
-    QMat m = *this;
-    m.data = row(r0);
-    m.scale = srow(r0);
-    m.N = n;
-    return m;
-  }
-  bool per_channel() const { return !int4 && group == K; }
-};
-
-// Activations quantised for one matrix: per token and 32-column block, q = round(x * (127 / max|x|))
-// (to nearest even) with scale d = max|x| / 127, stored in the order of the weight bytes:
-// - int8: 64-column chunks, columns in order;
-// - int4: 128-column chunks (four Q4_0 blocks, 64 weight bytes): 64 bytes for the low nibbles (columns
-//   0-15 of each block), then 64 for the high ones (16-31), so int32 lane 4j + m of both belongs to block j.
-// `bias` starts each chunk's int32 sums at -offset * sum(q) of its blocks, which takes the weights'
-// unsigned offset (128 for int8, 8 for int4) out of the dot products; `dx` holds each int32 lane's block scale.
-struct QAct {
-  int64_t T = 0, K = 0, C = 0;  // C chunks per token (64 columns for int8, 128 for int4)
-  bool int4 = false;
-  std::vector<int8_t> q;      // [T, C, 64] (int8) or [T, C, 2, 64] (int4), zero past K
-  std::vector<float> dx;      // [T, C, 16]
-  std::vector<int32_t> bias;  // [T, C, 16]
-  std::vector<float> db;      // int4: [T, C, 4], each block's scale
-  int64_t chunk_bytes() const { return int4 ? 128 : 64; }
-};
-
 #if defined(__AVX512VNNI__)
-template <typename A>
-inline __m512 load16_masked(const A* p, __mmask16 m) {
-  if constexpr (std::is_same_v<A, float>) return _mm512_maskz_loadu_ps(m, p);
-  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// Rows of X [T, K] (row stride ldx) quantised as above for an int4 (or int8) weight.
-template <typename A>
-void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, bool int4, QAct& a) {
-  const int64_t span = int4 ? 128 : 64;
-  a.T = T, a.K = K, a.C = (K + span - 1) / span, a.int4 = int4;
-  a.q.assign(T * a.C * 64 * (int4 ? 2 : 1), 0);
-  a.dx.assign(T * a.C * 16, 0.f);
-  a.bias.assign(T * a.C * 16, 0);
-  a.db.assign(int4 ? T * a.C * 4 : 0, 0.f);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
-      const int64_t n = std::min<int64_t>(32, K - k0), j = k0 % span / 32, at = t * a.C + k0 / span;
-      const __mmask16 m0 = (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1);
-      const __mmask16 m1 = (__mmask16)(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1);
-      const __m512 v0 = load16_masked(X + t * ldx + k0, m0), v1 = load16_masked(X + t * ldx + k0 + 16, m1);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-      int8_t* dst = a.q.data() + at * a.chunk_bytes();
-      _mm_storeu_si128((__m128i*)(dst + (int4 ? 16 * j : 32 * j)), _mm512_cvtsepi32_epi8(q0));
-      _mm_storeu_si128((__m128i*)(dst + (int4 ? 64 + 16 * j : 32 * j + 16)), _mm512_cvtsepi32_epi8(q1));
-      const int64_t lane = at * 16 + (int4 ? 4 : 8) * j;  // int32 lanes of this block: 4 (int4) or 8 in a row
-      std::fill_n(a.dx.data() + lane, int4 ? 4 : 8, amax / 127.f);
-      a.bias[lane] = -(int4 ? 8 : 128) * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-      if (int4) a.db[t * a.C * 4 + k0 / 32] = amax / 127.f;
-    }
-}
-
 // A 64-column chunk of an int8 weight row (at p, `left` bytes before the row ends) as 64 unsigned bytes
 // (q + 128, the xor of the sign bit); bytes past the row load as 0 and meet zero activations.
 __attribute__((always_inline)) inline __m512i load_chunk(const uint8_t* p, int64_t left, bool full) {
@@ -106,12 +32,6 @@ struct QScales {
   std::vector<float> f;     // [rows, G] (int8; int4 kernels read the float16 scales in place)
   std::vector<int32_t> gi;  // [2C]: the group of each block (SC_ONE, SC_TWO)
 };
-
-// Software prefetch distance (bytes ahead of each row pointer, into L2): 16 rows of the matrix, within
-// [4, 32] KiB. This machine's hardware prefetcher hardly follows four interleaved row streams: on the
-// 2-core EPYC, int4 decode read 7 GB/s without, 17-20 with, one thread; 16 rows ahead beat 4 and 8 rows
-// (int8: 36-40 against 33-36 GB/s on two threads), into L1 (T0) halved it.
-inline int64_t prefetch_distance(int64_t row_bytes) { return std::clamp<int64_t>(16 * row_bytes, 4096, 32768); }
 
 // One int8 chunk c of RR rows (pointers rp, float scales sp) against TB tokens, into acc.
 template <int TB, int RR, int SC>
@@ -145,173 +65,25 @@ __attribute__((always_inline)) inline void qchunk(__m512 (&acc)[TB][RR], const u
   }
 }
 
-// The high nibbles of 64 bytes, as bytes: one GFNI affine transform (a right shift by 4 within each byte)
-// where the CPU has it, else a 16-bit shift and a mask.
-__attribute__((always_inline)) inline __m512i high_nibbles(__m512i v) {
-#if defined(__GFNI__)
-  return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000ll), 0);
-#else
-  return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
-#endif
-}
-
-// One int4 chunk c (128 columns, 64 bytes a row) of RR rows against TB tokens, into acc; nb: its blocks (4
-// but in a row's last chunk). The low and high nibbles of a byte both meet block j's activations in int32
-// lane 4j + m, so two vpdpbusd fill one int32 sum per lane and one float conversion and fma finish it. The
-// float16 scales are read in place (sp: each row's, PER blocks a group): no per-row conversion pass.
-template <int TB, int RR, int PER>
-__attribute__((always_inline)) inline void qchunk4(__m512 (&acc)[TB][RR], const uint8_t* const* rp,
-                                                   const uint16_t* const* sp, const QAct& a, int64_t t0, int64_t c,
-                                                   int nb, int64_t pf) {
-  // int32 lane -> its block's scale among those the chunk loads
-  const __m512i lanes = PER == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-                      : PER == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                 : _mm512_setzero_si512();
-  constexpr int SCALES = 4 / PER;  // scales a whole chunk spans
-  const __m512i m4 = _mm512_set1_epi8(15);
-  __m512i lo[RR], hi[RR];
-  __m512 dw[RR];
-  for (int i = 0; i < RR; ++i) {
-    const uint8_t* p = rp[i] + c * 64;
-    _mm_prefetch((const char*)(p + pf), _MM_HINT_T1);
-    const __m512i v = nb == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * nb)) - 1), p);
-    lo[i] = _mm512_and_si512(v, m4);
-    hi[i] = high_nibbles(v);
-    const int n = nb == 4 ? SCALES : (nb + PER - 1) / PER;
-    const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n) - 1), sp[i] + c * SCALES));
-    dw[i] = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s4));
-  }
-  for (int t = 0; t < TB; ++t) {
-    const int64_t at = (t0 + t) * a.C + c;
-    const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-    const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
-    const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
-    for (int i = 0; i < RR; ++i) {
-      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, lo[i], xl), hi[i], xh);
-      acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dx, dw[i]), acc[t][i]);
-    }
-  }
-}
-
-// Four whole int4 chunks from c0 (512 columns): as qchunk4, with each row's scales of all four chunks
-// loaded and converted once.
-template <int TB, int RR, int PER>
-__attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const uint8_t* const* rp,
-                                                  const uint16_t* const* sp, const QAct& a, int64_t t0, int64_t c0,
-                                                  int64_t pf) {
-  constexpr int SCALES = 4 / PER;  // per chunk
-  const __m512i lanes = PER == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-                      : PER == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                 : _mm512_setzero_si512();
-  const __m512i m4 = _mm512_set1_epi8(15);
-  __m512 sc[RR];  // the rows' 4 * SCALES scales, as float
-  for (int i = 0; i < RR; ++i)
-    sc[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << (4 * SCALES)) - 1), sp[i] + c0 * SCALES));
-  if constexpr (TB == 1) {  // each row's scales times the token's, block by block, once for the four chunks
-    const __m512i expand = PER == 1 ? _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
-                         : PER == 2 ? _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
-                                    : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i g32 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512 db = _mm512_loadu_ps(a.db.data() + (t0 * a.C + c0) * 4);
-    __m512 pr[RR];
-    for (int i = 0; i < RR; ++i) pr[i] = _mm512_mul_ps(db, PER == 1 ? sc[i] : _mm512_permutexvar_ps(expand, sc[i]));
-    for (int k = 0; k < 4; ++k) {
-      const int64_t c = c0 + k, at = t0 * a.C + c;
-      const __m512i pick = _mm512_add_epi32(g32, _mm512_set1_epi32(4 * k));
-      const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-      const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
-      for (int i = 0; i < RR; ++i) {
-        _mm_prefetch((const char*)(rp[i] + c * 64 + pf), _MM_HINT_T1);
-        const __m512i v = _mm512_loadu_si512(rp[i] + c * 64);
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, _mm512_and_si512(v, m4), xl), high_nibbles(v), xh);
-        acc[0][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(pick, pr[i]), acc[0][i]);
-      }
-    }
-    return;
-  }
-  for (int k = 0; k < 4; ++k) {
-    const int64_t c = c0 + k;
-    const __m512i pick = _mm512_add_epi32(lanes, _mm512_set1_epi32(k * SCALES));
-    __m512i lo[RR], hi[RR];
-    for (int i = 0; i < RR; ++i) {
-      _mm_prefetch((const char*)(rp[i] + c * 64 + pf), _MM_HINT_T1);
-      const __m512i v = _mm512_loadu_si512(rp[i] + c * 64);
-      lo[i] = _mm512_and_si512(v, m4);
-      hi[i] = high_nibbles(v);
-    }
-    for (int t = 0; t < TB; ++t) {
-      const int64_t at = (t0 + t) * a.C + c;
-      const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-      const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
-      const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
-      for (int i = 0; i < RR; ++i) {
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, lo[i], xl), hi[i], xh);
-        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dx, _mm512_permutexvar_ps(pick, sc[i])),
-                                    acc[t][i]);
-      }
-    }
-  }
-}
-
-// acc[t][i] = the lanes of row r + i of int4 W . token t0 + t, for RR rows and TB tokens (groups of PER blocks).
-template <int TB, int RR, int PER>
-inline void qacc4(const QMat& W, int64_t r, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR]) {
-  const uint8_t* rp[RR];
-  const uint16_t* sp[RR];
-  for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i), sp[i] = W.srow(r + i);
-  for (int t = 0; t < TB; ++t)
-    for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
-  const int64_t whole = W.K / 128, pf = prefetch_distance(W.row_bytes());
-  int64_t c = 0;
-  for (; c + 4 <= whole; c += 4) qquad4<TB, RR, PER>(acc, rp, sp, a, t0, c, pf);
-  for (; c < whole; ++c) qchunk4<TB, RR, PER>(acc, rp, sp, a, t0, c, 4, pf);
-  if (whole < a.C) qchunk4<TB, RR, PER>(acc, rp, sp, a, t0, whole, int(W.K % 128 / 32), pf);
-}
-
-template <int TB, int RR, int PER>
-inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, float* out, int64_t ldo) {
-  __m512 acc[TB][RR];
-  qacc4<TB, RR, PER>(W, r, a, t0, acc);
-  add_sums<TB, RR>(acc, out, ldo);
-}
-
-template <int PER>
-inline void qgemv4(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo) {
-  const int64_t T = a.T;
-  int64_t r = r0;
-  if (T == 1)  // one token: four 4-row blocks share one horizontal reduction (short rows make it count)
-    for (; r + 16 <= r1; r += 16) {
-      __m512 v[16];
-      for (int g = 0; g < 4; ++g) {
-        __m512 acc[1][4];
-        qacc4<1, 4, PER>(W, r + 4 * g, a, 0, acc);
-        for (int i = 0; i < 4; ++i) v[4 * g + i] = acc[0][i];
-      }
-      _mm512_storeu_ps(Y + r, _mm512_add_ps(_mm512_loadu_ps(Y + r), reduce16(v)));
-    }
-  for (; r + 4 <= r1; r += 4) {
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) qdot_block4<4, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-    for (; t + 2 <= T; t += 2) qdot_block4<2, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-    if (t < T) qdot_block4<1, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-  }
-  for (; r < r1; ++r)
-    for (int64_t t = 0; t < T; ++t) qdot_block4<1, 1, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-}
-
-// out[t * ldo + i] += row r + i of W . token t0 + t, for RR rows and TB tokens.
+// acc[t][i] = the lanes of row r + i of int8 W . token t0 + t (scales: s.f, qscales), RR rows, TB tokens.
 template <int TB, int RR, int SC>
-inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, float* out, int64_t ldo) {
+inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR]) {
   const int64_t rb = W.row_bytes(), G = W.G();
   const uint8_t* rp[RR];
   const float* sp[RR];
   for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i), sp[i] = s.f.data() + i * G;
-  __m512 acc[TB][RR];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
   const int64_t whole = W.K / 64, pf = prefetch_distance(rb);  // whole: chunks inside every row
   for (int64_t c = 0; c < whole; ++c) qchunk<TB, RR, SC>(acc, rp, rb, sp, s.gi.data(), G, a, t0, c, true, pf);
   if (whole < a.C) qchunk<TB, RR, SC>(acc, rp, rb, sp, s.gi.data(), G, a, t0, whole, false, pf);
+}
+
+// out[t * ldo + i] += row r + i of W . token t0 + t, for RR rows and TB tokens.
+template <int TB, int RR, int SC>
+inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, float* out, int64_t ldo) {
+  __m512 acc[TB][RR];
+  qacc<TB, RR, SC>(W, r, s, a, t0, acc);
   __m512 v[16];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) v[t * RR + i] = acc[t][i];
@@ -319,13 +91,13 @@ inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a
   alignas(64) float sums[16];
   _mm512_store_ps(sums, reduce16(v));
   for (int t = 0; t < TB; ++t)
-    for (int i = 0; i < RR; ++i) out[t * ldo + i] += sums[t * RR + i] * (SC == SC_ROW ? sp[i][0] : 1.f);
+    for (int i = 0; i < RR; ++i) out[t * ldo + i] += sums[t * RR + i] * (SC == SC_ROW ? s.f[i * W.G()] : 1.f);
 }
 
-// RR rows of int8 W from r against all tokens: their scales in float, then blocks of up to 4 tokens.
-template <int RR, int SC>
-inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y, int64_t ldo) {
-  const int64_t T = a.T, G = W.G();
+// The float scales of RR int8 rows from r into s.f [RR, G].
+template <int RR>
+inline void qscales(const QMat& W, int64_t r, QScales& s) {
+  const int64_t G = W.G();
   s.f.resize(RR * G);
   for (int i = 0; i < RR; ++i) {
     const uint16_t* h = W.srow(r + i);
@@ -334,6 +106,13 @@ inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y,
       _mm512_storeu_ps(s.f.data() + i * G + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + g))));
     for (; g < G; ++g) s.f[i * G + g] = h2f(h[g]);
   }
+}
+
+// RR rows of int8 W from r against all tokens: their scales in float, then blocks of up to 4 tokens.
+template <int RR, int SC>
+inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y, int64_t ldo) {
+  const int64_t T = a.T;
+  qscales<RR>(W, r, s);
   int64_t t = 0;
   for (; t + 4 <= T; t += 4) qdot_block<4, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo);
   if (T - t == 3) {
@@ -347,6 +126,20 @@ inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y,
 template <int SC>
 inline void qgemv_t(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo, QScales& s) {
   int64_t r = r0;
+  if (a.T == 1)  // one token: four 4-row blocks share one horizontal reduction, as qgemv4
+    for (; r + 16 <= r1; r += 16) {
+      __m512 v[16];
+      float row_scale[16];
+      for (int g = 0; g < 4; ++g) {
+        qscales<4>(W, r + 4 * g, s);
+        __m512 acc[1][4];
+        qacc<1, 4, SC>(W, r + 4 * g, s, a, 0, acc);
+        for (int i = 0; i < 4; ++i) v[4 * g + i] = acc[0][i], row_scale[4 * g + i] = s.f[i * W.G()];
+      }
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, reduce16(v));
+      for (int i = 0; i < 16; ++i) Y[r + i] += sums[i] * (SC == SC_ROW ? row_scale[i] : 1.f);
+    }
   for (; r + 4 <= r1; r += 4) qrows<4, SC>(W, r, s, a, Y, ldo);
   for (; r < r1; ++r) qrows<1, SC>(W, r, s, a, Y, ldo);
 }
