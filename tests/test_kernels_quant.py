@@ -91,8 +91,11 @@ def test_linear(fmt, group, dtype, T, kern, monkeypatch):
 
 @pytest.mark.parametrize("fmt, group", FORMATS)
 @pytest.mark.parametrize("T, N", [(1, 70), (3, 33), (6, 8), (13, 130)])
-def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, kern, monkeypatch):
-    K = {None: 100, 32: 224, 64: 320, 128: 384}[group]  # 100, 224: the last 64-column chunk is partial
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, long, kern, monkeypatch):
+    # short: the last chunk partial (64 columns for int8, 128 for int4); long: int4 rows with whole
+    # four-chunk stretches (the quad kernel) ahead of a whole chunk and a partial one
+    K = ({None: 1000, 32: 736, 64: 704, 128: 768} if long else {None: 100, 32: 224, 64: 320, 128: 384})[group]
     w, x = quant((N, K), fmt, group), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0  # an all-zero block
     with no_fallback(monkeypatch):
