@@ -98,6 +98,7 @@ class Engine:
         if self.graphs is None and fused_decode and model.kernels.fused_decoder is not None:
             self.fused, why = model.kernels.fused_decoder(model)
             self.decode_path = "fused: one call per step" if self.fused is not None else f"per-op forward ({why})"
+            log.info("moekit engine: decode steps: %s", self.decode_path)
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id if cfg.eos_token_id is not None else ()
         self.eos_token_ids = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(eos_token_ids)
