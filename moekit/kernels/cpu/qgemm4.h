@@ -21,6 +21,22 @@ __attribute__((always_inline)) inline __m512i high_nibbles(__m512i v) {
 #endif
 }
 
+// acc[t][i] += chunk c of RR rows (nibbles lo, hi; weight scale dw per int32 lane) . token t0 + t, TB tokens.
+template <int TB, int RR>
+__attribute__((always_inline)) inline void qtokens4(__m512 (&acc)[TB][RR], const __m512i* lo, const __m512i* hi,
+                                                    const __m512* dw, const QAct& a, int64_t t0, int64_t c) {
+  for (int t = 0; t < TB; ++t) {
+    const int64_t at = (t0 + t) * a.C + c;
+    const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
+    const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
+    const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
+    for (int i = 0; i < RR; ++i) {
+      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, lo[i], xl), hi[i], xh);
+      acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dx, dw[i]), acc[t][i]);
+    }
+  }
+}
+
 // One int4 chunk c (128 columns, 64 bytes a row) of RR rows against TB tokens, into acc; nb: its blocks (4
 // but in a row's last chunk). The low and high nibbles of a byte both meet block j's activations in int32
 // lane 4j + m, so two vpdpbusd fill one int32 sum per lane and one float conversion and fma finish it. The
@@ -47,16 +63,7 @@ __attribute__((always_inline)) inline void qchunk4(__m512 (&acc)[TB][RR], const 
     const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n) - 1), sp[i] + c * SCALES));
     dw[i] = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s4));
   }
-  for (int t = 0; t < TB; ++t) {
-    const int64_t at = (t0 + t) * a.C + c;
-    const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-    const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
-    const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
-    for (int i = 0; i < RR; ++i) {
-      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, lo[i], xl), hi[i], xh);
-      acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dx, dw[i]), acc[t][i]);
-    }
-  }
+  qtokens4<TB, RR>(acc, lo, hi, dw, a, t0, c);
 }
 
 // Four whole int4 chunks from c0 (512 columns): as qchunk4, with each row's scales of all four chunks
@@ -105,17 +112,9 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
       lo[i] = _mm512_and_si512(v, m4);
       hi[i] = high_nibbles(v);
     }
-    for (int t = 0; t < TB; ++t) {
-      const int64_t at = (t0 + t) * a.C + c;
-      const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-      const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
-      const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
-      for (int i = 0; i < RR; ++i) {
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, lo[i], xl), hi[i], xh);
-        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dx, _mm512_permutexvar_ps(pick, sc[i])),
-                                    acc[t][i]);
-      }
-    }
+    __m512 dw[RR];
+    for (int i = 0; i < RR; ++i) dw[i] = _mm512_permutexvar_ps(pick, sc[i]);
+    qtokens4<TB, RR>(acc, lo, hi, dw, a, t0, c);
   }
 }
 
