@@ -36,14 +36,18 @@ def _norm(norm, name: str) -> dict:
     return {name: norm.weight, **({f"{name}_bias": norm.bias} if norm.kind == "layer" else {})}
 
 
+def _is_moe(ffn) -> bool:
+    """An MoE FFN (router, experts) rather than a dense MLP; read from the module, so that the kernels
+    need not import the models that import them."""
+    return hasattr(ffn, "router") and hasattr(ffn, "experts")
+
+
 def _layer(block, eps: float) -> dict:
     """One block's weights and routing settings, as decode.cpp's Layer reads them."""
-    from moekit.models.moe import MoE
-
     a, f = block.attn, block.ffn
     d = {"norm_eps": eps, **_norm(block.attn_norm, "attn_norm"), **_norm(block.ffn_norm, "ffn_norm"),
-         **_weight(a.wqkv, "wqkv"), **_weight(a.wo, "wo"), "bqkv": a.bqkv, "moe": isinstance(f, MoE)}
-    if not isinstance(f, MoE):
+         **_weight(a.wqkv, "wqkv"), **_weight(a.wo, "wo"), "bqkv": a.bqkv, "moe": _is_moe(f)}
+    if not _is_moe(f):
         return {**d, **_weight(f.w13, "w13"), **_weight(f.w2, "w2")}
     m, r = f.router.m, f.router
     d.update(**_weight(f.experts.w13, "w13"), **_weight(f.experts.w2, "w2"), router=r.proj.weight,
@@ -58,8 +62,6 @@ def _layer(block, eps: float) -> dict:
 
 def _unfit(model) -> str | None:
     """Why the fused step cannot run ``model`` (None when it can)."""
-    from moekit.models.moe import MoE
-
     cfg, w = model.config, model.embed.weight
     if model.offload is not None:
         return "expert offload (experts are paged in from Python per layer)"
@@ -72,7 +74,7 @@ def _unfit(model) -> str | None:
         f = block.ffn
         mats = [block.attn.wqkv, block.attn.wo]
         plain = [block.attn_norm.weight, block.ffn_norm.weight] + ([] if block.attn.bqkv is None else [block.attn.bqkv])
-        if isinstance(f, MoE):
+        if _is_moe(f):
             mats += [f.experts.w13, f.experts.w2] + ([] if f.shared is None else [f.shared.w13, f.shared.w2])
             router = [f.router.proj.weight] + ([] if f.router.proj2 is None else [f.router.proj2.weight])
             if any(isinstance(t, QuantWeight) for t in router):
@@ -93,15 +95,13 @@ class FusedDecoder:
     """``runner(ids, positions, limit, slots, table, starts, lens, kv)``: logits [N, V] of a pure decode step."""
 
     def __init__(self, model, aten: bool):
-        from moekit.models.moe import MoE
-
         self.model, cfg = model, model.config
         eps = cfg.norm_eps
         top = {"norm_eps": eps, **_norm(model.norm, "norm"), **_weight(model.output_weight, "lm_head"),
                "embed": model.embed.weight, "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
                "head_dim": cfg.head_dim, "aten": aten}
         self.decoder = cpu.extension().Decoder([_layer(b, eps) for b in model.layers], top)
-        self.moes = [b.ffn for b in model.layers if isinstance(b.ffn, MoE)]
+        self.moes = [b.ffn for b in model.layers if _is_moe(b.ffn)]
         scaling = cfg.rope_scaling
         self.dynamic = scaling is not None and scaling.kind == "dynamic"
 
