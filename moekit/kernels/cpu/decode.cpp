@@ -69,6 +69,7 @@ struct Layer {
   Mat w13, w2, s13, s2;  // experts (or a dense MLP) and the shared expert
   torch::Tensor router, router2, bias, shared_gate;
   bool router_fp32 = false, softmax = true, renorm = true;
+  bool converted = false;  // router weights converted to float32 here: ATen's linear, as the per-op path runs it
   int64_t top_k = 0;
   double eps = 0, scale = 1;
 
@@ -82,6 +83,11 @@ struct Layer {
     bias = tensor(d, "router_bias");
     shared_gate = tensor(d, "shared_gate");
     router_fp32 = d["router_fp32"].cast<bool>();
+    // the per-op path converts the router weights to the logits' dtype on every call; here once (same values)
+    const auto logits_dtype = router_fp32 ? torch::kFloat : attn_norm.w.scalar_type();
+    converted = router.scalar_type() != logits_dtype;
+    if (converted) router = router.to(logits_dtype);
+    if (router2.defined() && router2.scalar_type() != logits_dtype) router2 = router2.to(logits_dtype);
     softmax = d["softmax"].cast<bool>();
     renorm = d["renormalize"].cast<bool>();
     top_k = d["top_k"].cast<int64_t>();
@@ -92,9 +98,8 @@ struct Layer {
   // Router.logits + kernels.route + MoE.forward's scale (inference: no noise, jitter or capacity).
   std::vector<torch::Tensor> route_tokens(const torch::Tensor& x) const {
     const torch::Tensor xr = router_fp32 ? x.to(torch::kFloat) : x;
-    torch::Tensor h = router.scalar_type() == xr.scalar_type() ? moekit::linear(xr, router, c10::nullopt)
-                                                               : at::linear(xr, router.to(xr.scalar_type()));
-    if (router2.defined()) h = at::linear(at::tanh(h), router2.to(h.scalar_type()));
+    torch::Tensor h = converted ? at::linear(xr, router) : moekit::linear(xr, router, c10::nullopt);
+    if (router2.defined()) h = at::linear(at::tanh(h), router2);
     auto r = moekit::route(h.to(torch::kFloat).contiguous(), top_k, softmax, renorm, eps, 1.0,
                    bias.defined() ? Opt(bias.to(torch::kFloat).contiguous()) : c10::nullopt);
     if (scale != 1.0) r[0] = r[0] * scale;
