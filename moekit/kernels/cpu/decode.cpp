@@ -69,7 +69,7 @@ struct Layer {
   Mat w13, w2, s13, s2;  // experts (or a dense MLP) and the shared expert
   torch::Tensor router, router2, bias, shared_gate;
   bool router_fp32 = false, softmax = true, renorm = true;
-  bool converted = false;  // router weights converted to float32 here: ATen's linear, as the per-op path runs it
+  bool converted = false;  // router weights converted to the logits' dtype here: ATen's linear, as the per-op path
   int64_t top_k = 0;
   double eps = 0, scale = 1;
 
@@ -106,16 +106,13 @@ struct Layer {
     return r;
   }
 
+  // MLP.forward, or MoE.forward: routing, the shared expert's gate, the fused experts kernel.
   torch::Tensor ffn(const torch::Tensor& x, bool aten) const {
     if (!moe) return moekit::mlp(x, w13.data, w2.data, opt(w13.scale), opt(w2.scale));
-    auto r = route_tokens(x);
+    const auto r = route_tokens(x);
     torch::Tensor gate;
-    if (shared_gate.defined()) gate = at::sigmoid(moekit::linear(x, shared_gate, c10::nullopt)).view(-1).to(torch::kFloat);
-    return moe_fn(x, r, gate, aten);
-  }
-
-  torch::Tensor moe_fn(const torch::Tensor& x, const std::vector<torch::Tensor>& r, const torch::Tensor& gate,
-                       bool aten) const {
+    if (shared_gate.defined())
+      gate = at::sigmoid(moekit::linear(x, shared_gate, c10::nullopt)).view(-1).to(torch::kFloat);
     return moekit::moe(x, w13.data, w2.data, r[1], r[0], opt(s13.data), opt(s2.data), opt(gate), aten,
                        opt(w13.scale), opt(w2.scale), opt(s13.scale), opt(s2.scale));
   }
