@@ -95,13 +95,6 @@ def sh(*argv: str) -> str:
     return subprocess.run(argv, check=False, capture_output=True, text=True, cwd=HERE.parent).stdout.strip()
 
 
-def lscpu_model() -> str:
-    for line in sh("lscpu").splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return cpu_info()["model"]
-
-
 class Moekit:
     def __init__(self, folder: Path, fmt: str, group: int | None, governor: bool, seq_tokens: int):
         self.key = f"moekit-{fmt}" + (f"-g{group}" if fmt == "int4" else "")
@@ -379,7 +372,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = SIZES["smoke" if args.smoke else "full"]
     dirty = sh("git", "status", "--porcelain", "--", "moekit/kernels")
-    results = {"date": date, "smoke": args.smoke, "command": "python " + " ".join(sys.argv), "cpu": lscpu_model(),
+    results = {"date": date, "smoke": args.smoke, "command": "python " + " ".join(sys.argv), "cpu": cpu_info()["model"],
                "isa": isa(), "threads": args.threads, "torch": torch.__version__, "rounds": args.rounds, "sizes": sizes,
                "git": sh("git", "rev-parse", "--short", "HEAD") + (" + uncommitted moekit/kernels changes" if dirty else ""),
                "read_gbs": [read_gbs()], "llama": {}, "shapes": {}}
