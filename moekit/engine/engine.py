@@ -245,15 +245,14 @@ class Engine:
             self.governor.update()
         if self.graphs is not None and decode_only and self.graphs.fits(len(plan), M):
             logits_KV = self.graphs.run(ids, pos, slots, table, lens)
-        elif self.fused is not None and decode_only and self.fused.applies(len(ids)):
-            table_RM = torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32)
-            logits_KV = self.fused(torch.tensor(ids), torch.tensor(pos), max(pos) + 1, torch.tensor(slots), table_RM,
-                                   torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
-                                   self.kv)
+        elif self.fused is not None and decode_only and self.fused.applies(len(ids)):  # on the CPU
+            logits_KV = self.fused(torch.tensor(ids), torch.tensor(pos), max(pos) + 1, torch.tensor(slots),
+                                   self._table(table, M, dev), torch.tensor(starts, dtype=torch.int32),
+                                   torch.tensor(lens, dtype=torch.int32), self.kv)
             if len(rows) != len(ids):
                 logits_KV = logits_KV[rows]
         else:
-            table_RM = torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32, device=dev)
+            table_RM = self._table(table, M, dev)
             batch = PagedBatch(self.kv, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), table_RM,
                                torch.tensor(starts, dtype=torch.int32, device=dev),
                                torch.tensor(lens, dtype=torch.int32, device=dev), max(pos) + 1)
@@ -266,6 +265,11 @@ class Engine:
         self._account()
         self._prompt_logprobs(logits_KV, owed)
         return self._sample(logits_KV, samplers)
+
+    @staticmethod
+    def _table(table: list[list[int]], M: int, dev) -> torch.Tensor:
+        """The step's block tables as int32 [R, M], padded with block 0."""
+        return torch.tensor([t + [0] * (M - len(t)) for t in table], dtype=torch.int32, device=dev)
 
     def _prompt_logprobs(self, logits_KV: torch.Tensor, owed: list[tuple[Request, int, int]]) -> None:
         if not owed:
