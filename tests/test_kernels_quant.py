@@ -152,6 +152,34 @@ def test_moe_experts(fmt, group, dtype, T, D, E, K, F, shared, gated, gemm, monk
     check(got, want, dtype, decode, MLP_TOL)
 
 
+@pytest.mark.parametrize("fmt, group", [(None, None)] + FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, E, K, F, shared", [(1, 8, 2, 96, 0), (1, 16, 6, 64, 128), (2, 8, 2, 40, 0), (1, 4, 2, 200, 0)])
+def test_decode_schedules_agree_bit_for_bit(fmt, group, dtype, T, E, K, F, shared, monkeypatch):
+    """At two threads a decode step gives whole experts to threads (moe.h); at one, experts run in row
+    blocks. The engine moves between one and two threads with the machine's load, so both must give the
+    same bits, gate/up boundaries that fall inside a 16-row group included (F = 40, 200)."""
+    if group and (F % group or shared % group):
+        pytest.skip("the expert width does not end on a group")
+    D = 256
+    mk = (lambda shape: (torch.randn(*shape, generator=g) * 0.1).to(dtype)) if fmt is None else \
+        (lambda shape: quant(shape, fmt, group))
+    sh = (mk((2 * shared, D)), mk((D, shared)), torch.rand(T, generator=g)) if shared else ()
+    ex = ExpertWeights(mk((E, 2 * F, D)), mk((E, D, F)), *sh)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w, ids = reference.route(torch.randn(T, E, generator=g), K)
+    kern, before = cpu.CpuKernels(dtype, gemm="moekit"), torch.get_num_threads()
+    try:
+        with no_fallback(monkeypatch):
+            torch.set_num_threads(1)
+            one = kern.moe_experts(x, ex, ids, w)
+            torch.set_num_threads(2)
+            two = kern.moe_experts(x, ex, ids, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
 def test_mixed_plain_and_quantised_experts(kern, monkeypatch):
     """quantize leaves a matrix whose width does not end on a group plain: here w13 int4, w2 bf16."""
     x = torch.randn(4, 128, generator=g).bfloat16()

@@ -3,39 +3,9 @@
 //
 // Shape legend: T tokens, D model width, F expert width, E experts, K experts per token.
 
-#include "qgemm.h"
+#include "moe.h"
 
 namespace moekit {
-
-// out[c] = silu(g[c]) * u[c] from float32 gate/up values, each rounded to the activation dtype first.
-template <typename A>
-inline void swiglu_row(const float* g, const float* u, int64_t n, A* out) {
-  int64_t c = 0;
-#if defined(__AVX512F__)
-  const A* tag = nullptr;
-  for (; c + 16 <= n; c += 16) {
-    __m512 gv = rnd(_mm512_loadu_ps(g + c), tag), uv = rnd(_mm512_loadu_ps(u + c), tag);
-    __m512 s = rnd(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)))), tag);
-    store16(out + c, _mm512_mul_ps(s, uv));
-  }
-#endif
-  for (; c < n; ++c)
-    out[c] = from_f<A>(to_f<A>(from_f<A>(silu(to_f<A>(from_f<A>(g[c]))))) * to_f<A>(from_f<A>(u[c])));
-}
-
-// A routed (or shared) expert's share of the batch: its tokens, their combine weights,
-// where its gate/up rows and down rows live, and scratch for its gathered input/activation.
-template <typename A>
-struct Job {
-  std::vector<int64_t> tok;
-  std::vector<float> wt;
-  const A* w13;  // [2F, D]: gate rows, then up rows
-  const A* w2;   // [D, F]
-  int64_t F;     // this expert's (padded) width
-  std::vector<A> x, act;
-  QMat q13, q2;   // quantised weights instead of w13 / w2, where set
-  QAct qx, qact;  // x and act quantised for them (few tokens)
-};
 
 // Rows [r, r + n) of a plain [*, K] weight, or of a quantised one dequantised into `tile`.
 template <typename A>
@@ -127,6 +97,13 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
       item_blk.push_back(blk);
     }
   }
+  if (const auto plan = whole_experts(jobs, D); !plan.empty()) {
+    at::parallel_for(0, plan.size(), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t j : plan[p]) expert_stream<A>(jobs[j], D, out[j]);
+    });
+    return combine<A>(x, jobs, out);
+  }
   std::vector<double> cost1(item_job.size());
   for (size_t i = 0; i < item_job.size(); ++i) cost1[i] = ITEM_COST + jobs[item_job[i]].tok.size();
   balanced_for(cost1, [&](int64_t i0, int64_t i1) {
@@ -134,6 +111,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     QScales blk;
     std::vector<uint32_t> pack;
     std::vector<A> tile;
+    QMat gate, up;  // where this thread streams the current expert's gate and up rows
     for (int64_t it = i0; it < i1; ++it) {
       auto& job = jobs[item_job[it]];
       const int64_t F = job.F, n = job.tok.size(), f0 = item_blk[it] * BLOCK, f1 = std::min(F, f0 + BLOCK), nf = f1 - f0;
@@ -141,8 +119,15 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
       u.assign(n * nf, 0.f);
 #if defined(__AVX512VNNI__)
       if (job.q13 && qdecode(n)) {
-        qgemv_rows(job.q13.rows(f0, nf), 0, nf, job.qx, g.data(), nf, blk);
-        qgemv_rows(job.q13.rows(F + f0, nf), 0, nf, job.qx, u.data(), nf, blk);
+        if (it == i0 || item_job[it - 1] != item_job[it]) {  // this thread's run of the expert's blocks
+          int64_t e = it + 1;
+          while (e < i1 && item_job[e] == item_job[it]) ++e;
+          const int64_t fe = std::min(F, item_blk[e - 1] * BLOCK + BLOCK);
+          gate = stream(job.q13, f0, fe);
+          up = stream(job.q13, F + f0, F + fe);
+        }
+        qgemv_rows(gate.rows(f0, nf), 0, nf, job.qx, g.data(), nf, blk);
+        qgemv_rows(up.rows(F + f0, nf), 0, nf, job.qx, u.data(), nf, blk);
       } else
 #endif
       {
@@ -196,13 +181,19 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     std::vector<uint32_t> pack;
     QScales blk;
     std::vector<A> tile;
+    QMat down;  // where this thread streams the current expert's down rows
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t j = item_job[it], d0 = item_d0[it], d1 = item_d1[it];
       auto& job = jobs[j];
       const int64_t n = job.tok.size(), F = job.F;
 #if defined(__AVX512VNNI__)
       if (job.q2 && qdecode(n)) {
-        qgemv_rows(job.q2, d0, d1, job.qact, out[j].data(), D, blk);
+        if (it == i0 || item_job[it - 1] != j) {
+          int64_t e = it + 1;
+          while (e < i1 && item_job[e] == j) ++e;
+          down = stream(job.q2, d0, item_d1[e - 1]);
+        }
+        qgemv_rows(down, d0, d1, job.qact, out[j].data(), D, blk);
         continue;
       }
 #endif
@@ -214,38 +205,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
         matmul_rows<A>(w, 0, d1 - d0, job.act.data(), n, F, out[j].data() + d0, D, pack);
     }
   });
-  // Combine in a fixed job order (deterministic), parallel over column blocks, each expert output
-  // rounded to the activation dtype first as torch's bf16 linear would leave it.
-  auto y = torch::empty({T, D}, x.options());
-  A* Y = (A*)y.data_ptr();
-  const int64_t blocks = (D + 255) / 256, combined = T * D * (int64_t)jobs.size();
-  at::parallel_for(0, blocks, combined < (1 << 16) ? blocks : 1, [&](int64_t b0, int64_t b1) {  // decode: inline
-    const int64_t c0 = b0 * 256, c1 = std::min(D, b1 * 256);
-    std::vector<float> acc(T * (c1 - c0), 0.f);
-    const int64_t w = c1 - c0;
-    const A* tag = nullptr;
-    for (size_t j = 0; j < jobs.size(); ++j)
-      for (size_t i = 0; i < jobs[j].tok.size(); ++i) {
-        float* dst = acc.data() + jobs[j].tok[i] * w;
-        const float* src = out[j].data() + i * D + c0;
-        const float wt = jobs[j].wt[i];
-        int64_t c = 0;
-#if defined(__AVX512F__)
-        for (; c + 16 <= w; c += 16)
-          _mm512_storeu_ps(dst + c, _mm512_fmadd_ps(_mm512_set1_ps(wt), rnd(_mm512_loadu_ps(src + c), tag),
-                                                    _mm512_loadu_ps(dst + c)));
-#endif
-        for (; c < w; ++c) dst[c] += wt * to_f<A>(from_f<A>(src[c]));
-      }
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t c = 0;
-#if defined(__AVX512F__)
-      for (; c + 16 <= w; c += 16) store16(Y + t * D + c0 + c, _mm512_loadu_ps(acc.data() + t * w + c));
-#endif
-      for (; c < w; ++c) Y[t * D + c0 + c] = from_f<A>(acc[t * w + c]);
-    }
-  });
-  return y;
+  return combine<A>(x, jobs, out);
 }
 
 // A stack of matrices [.., N, K] (or one): plain in the activation dtype, or quantised (`scale` defined).

@@ -44,7 +44,8 @@ torch::Tensor qlinear_impl(const torch::Tensor& x, const QMat& W, const c10::opt
     quantize_act<A>(X, T, K, K, W.int4, a);
     balanced_for(cost, [&](int64_t b0, int64_t b1) {
       QScales blk;
-      qgemv_rows(W, b0 * BLOCK, std::min(N, b1 * BLOCK), a, acc.data(), N, blk);
+      const int64_t r0 = b0 * BLOCK, r1 = std::min(N, b1 * BLOCK);
+      qgemv_rows(stream(W, r0, r1), r0, r1, a, acc.data(), N, blk);
     });
   } else
 #endif

@@ -17,6 +17,7 @@ struct QMat {
   const uint16_t* scale = nullptr;  // float16 [N, G]
   int64_t N = 0, K = 0, group = 0;
   bool int4 = false;
+  const uint8_t* stream_end = nullptr;  // where this thread's rows end: prefetch no further (null: anywhere)
   explicit operator bool() const { return data != nullptr; }
   int64_t G() const { return K / group; }
   int64_t row_bytes() const { return int4 ? K / 2 : K; }
@@ -49,13 +50,57 @@ struct QAct {
   int64_t chunk_bytes() const { return int4 ? 128 : 64; }
 };
 
+// QAct's arrays from token t0 on, as plain pointers: the kernels copy it by value, so the pointers stay in
+// registers (read through a QAct reference, the compiler reloads them after every accumulator store).
+struct ActView {
+  const int8_t* q;
+  const int32_t* bias;
+  const float* dx;
+  const float* db;
+  int64_t C;  // chunks per token
+  ActView(const QAct& a, int64_t t0)
+      : q(a.q.data() + t0 * a.C * a.chunk_bytes()), bias(a.bias.data() + t0 * a.C * 16),
+        dx(a.dx.data() + t0 * a.C * 16), db(a.int4 ? a.db.data() + t0 * a.C * 4 : nullptr), C(a.C) {}
+};
+
 // Software prefetch distance (bytes ahead of each row pointer, into L2): 16 rows of the matrix, within
 // [4, 32] KiB. This machine's hardware prefetcher hardly follows four interleaved row streams: on the
 // 2-core EPYC, int4 decode read 7 GB/s without, 17-20 with, one thread; 16 rows ahead beat 4 and 8 rows
 // (int8: 36-40 against 33-36 GB/s on two threads), into L1 (T0) halved it.
 inline int64_t prefetch_distance(int64_t row_bytes) { return std::clamp<int64_t>(16 * row_bytes, 4096, 32768); }
 
+// The prefetch distance for rows [r, r + rr) of W: none where it would reach past W.stream_end, into
+// rows that another thread streams (bandwidth spent twice, and lines in the wrong core's L2).
+inline int64_t prefetch_at(const QMat& W, int64_t r, int64_t rr) {
+  const int64_t pf = prefetch_distance(W.row_bytes());
+  return W.stream_end && W.row(r + rr) + pf > W.stream_end ? 0 : pf;
+}
+
+// W for a thread about to stream its rows [r0, r1): prefetches stop at r1, and the first prefetch distance
+// of the rows, with their scales, goes into L2 now, so their first blocks do not wait on memory one line at
+// a time. (A stand-alone int4 kernel over 1024 x 3584 matrices, two threads: each matrix in 16 parts
+// 27 GB/s, 30 with this, in 2 contiguous halves 37-39; hence also moe.h's whole experts per thread.)
+inline QMat stream(QMat W, int64_t r0, int64_t r1) {
+  W.stream_end = W.row(r1);
+  const int64_t rb = W.row_bytes(), pf = prefetch_distance(rb), n = std::min(pf, (r1 - r0) * rb);
+  const char* p = (const char*)W.row(r0);
+  for (int64_t o = 0; o < n; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+  const char* s = (const char*)W.srow(r0);
+  const int64_t ns = std::min(r1 - r0, pf / rb + 4) * W.G() * 2;
+  for (int64_t o = 0; o < ns; o += 64) _mm_prefetch(s + o, _MM_HINT_T1);
+  return W;
+}
+
 #if defined(__AVX512VNNI__)
+// v, held in a register from here: the compiler would otherwise fold its load into every instruction that
+// reads it, and a row block's kernels then issue one 64-byte load per use (activations once per row, weight
+// bytes twice): more loads than the core retires in a cycle, where one each suffices.
+template <typename V>
+__attribute__((always_inline)) inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 template <typename A>
 inline __m512 load16_masked(const A* p, __mmask16 m) {
   if constexpr (std::is_same_v<A, float>) return _mm512_maskz_loadu_ps(m, p);

@@ -37,14 +37,14 @@ struct QScales {
 template <int TB, int RR, int SC>
 __attribute__((always_inline)) inline void qchunk(__m512 (&acc)[TB][RR], const uint8_t* const* rp, int64_t rb,
                                                   const float* const* sp, const int32_t* gi, int64_t G,
-                                                  const QAct& a, int64_t t0, int64_t c, bool full, int64_t pf) {
+                                                  const ActView& a, int64_t c, bool full, int64_t pf) {
   const int64_t C = a.C;
   const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512i w[RR];
   __m512 dw[RR];
   for (int i = 0; i < RR; ++i) {
     _mm_prefetch((const char*)(rp[i] + c * 64 + pf), _MM_HINT_T1);
-    w[i] = load_chunk(rp[i] + c * 64, rb - c * 64, full);
+    w[i] = in_register(load_chunk(rp[i] + c * 64, rb - c * 64, full));
     if constexpr (SC == SC_G32)  // a last chunk of one block reads one scale
       dw[i] = _mm512_permutexvar_ps(
           pair, _mm512_castps128_ps512(_mm_maskz_loadu_ps(full || 2 * c + 1 < G ? 3 : 1, sp[i] + 2 * c)));
@@ -52,9 +52,10 @@ __attribute__((always_inline)) inline void qchunk(__m512 (&acc)[TB][RR], const u
       dw[i] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(sp[i][gi[2 * c]]), _mm512_set1_ps(sp[i][gi[2 * c + 1]]));
   }
   for (int t = 0; t < TB; ++t) {
-    const int64_t at = (t0 + t) * C + c;
-    const __m512i x = _mm512_loadu_si512(a.q.data() + at * 64), b = _mm512_loadu_si512(a.bias.data() + at * 16);
-    const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
+    const int64_t at = t * C + c;
+    const __m512i x = in_register(_mm512_loadu_si512(a.q + at * 64));
+    const __m512i b = in_register(_mm512_loadu_si512(a.bias + at * 16));
+    const __m512 dx = in_register(_mm512_loadu_ps(a.dx + at * 16));
     for (int i = 0; i < RR; ++i) {
       const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(b, w[i], x));
       if constexpr (SC == SC_ROW) acc[t][i] = _mm512_fmadd_ps(p, dx, acc[t][i]);
@@ -74,9 +75,11 @@ inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int6
   for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i), sp[i] = s.f.data() + i * G;
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
-  const int64_t whole = W.K / 64, pf = prefetch_distance(rb);  // whole: chunks inside every row
-  for (int64_t c = 0; c < whole; ++c) qchunk<TB, RR, SC>(acc, rp, rb, sp, s.gi.data(), G, a, t0, c, true, pf);
-  if (whole < a.C) qchunk<TB, RR, SC>(acc, rp, rb, sp, s.gi.data(), G, a, t0, whole, false, pf);
+  const int64_t whole = W.K / 64, pf = prefetch_at(W, r, RR);  // whole: chunks inside every row
+  const ActView x(a, t0);
+  const int32_t* gi = s.gi.data();
+  for (int64_t c = 0; c < whole; ++c) qchunk<TB, RR, SC>(acc, rp, rb, sp, gi, G, x, c, true, pf);
+  if (whole < a.C) qchunk<TB, RR, SC>(acc, rp, rb, sp, gi, G, x, whole, false, pf);
 }
 
 // out[t * ldo + i] += row r + i of W . token t0 + t, for RR rows and TB tokens.

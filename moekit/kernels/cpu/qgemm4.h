@@ -21,15 +21,16 @@ __attribute__((always_inline)) inline __m512i high_nibbles(__m512i v) {
 #endif
 }
 
-// acc[t][i] += chunk c of RR rows (nibbles lo, hi; weight scale dw per int32 lane) . token t0 + t, TB tokens.
+// acc[t][i] += chunk c of RR rows (nibbles lo, hi; weight scale dw per int32 lane) . token t, TB tokens.
 template <int TB, int RR>
 __attribute__((always_inline)) inline void qtokens4(__m512 (&acc)[TB][RR], const __m512i* lo, const __m512i* hi,
-                                                    const __m512* dw, const QAct& a, int64_t t0, int64_t c) {
+                                                    const __m512* dw, const ActView& x, int64_t c) {
   for (int t = 0; t < TB; ++t) {
-    const int64_t at = (t0 + t) * a.C + c;
-    const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-    const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
-    const __m512 dx = _mm512_loadu_ps(a.dx.data() + at * 16);
+    const int64_t at = t * x.C + c;
+    const __m512i xl = in_register(_mm512_loadu_si512(x.q + at * 128));
+    const __m512i xh = in_register(_mm512_loadu_si512(x.q + at * 128 + 64));
+    const __m512i b = in_register(_mm512_loadu_si512(x.bias + at * 16));
+    const __m512 dx = in_register(_mm512_loadu_ps(x.dx + at * 16));
     for (int i = 0; i < RR; ++i) {
       const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, lo[i], xl), hi[i], xh);
       acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dx, dw[i]), acc[t][i]);
@@ -37,13 +38,13 @@ __attribute__((always_inline)) inline void qtokens4(__m512 (&acc)[TB][RR], const
   }
 }
 
-// One int4 chunk c (128 columns, 64 bytes a row) of RR rows against TB tokens, into acc; nb: its blocks (4
-// but in a row's last chunk). The low and high nibbles of a byte both meet block j's activations in int32
-// lane 4j + m, so two vpdpbusd fill one int32 sum per lane and one float conversion and fma finish it. The
-// float16 scales are read in place (sp: each row's, PER blocks a group): no per-row conversion pass.
+// One int4 chunk c (128 columns, 64 bytes a row) of RR rows (from w, rb bytes apart; their float16 scales
+// from sc, G apart) against TB tokens, into acc; nb: its blocks (4 but in a row's last chunk). The low and
+// high nibbles of a byte both meet block j's activations in int32 lane 4j + m, so two vpdpbusd fill one
+// int32 sum per lane and one float conversion and fma finish it. The scales are read in place.
 template <int TB, int RR, int PER>
-__attribute__((always_inline)) inline void qchunk4(__m512 (&acc)[TB][RR], const uint8_t* const* rp,
-                                                   const uint16_t* const* sp, const QAct& a, int64_t t0, int64_t c,
+__attribute__((always_inline)) inline void qchunk4(__m512 (&acc)[TB][RR], const uint8_t* w, int64_t rb,
+                                                   const uint16_t* sc, int64_t G, const ActView& x, int64_t c,
                                                    int nb, int64_t pf) {
   // int32 lane -> its block's scale among those the chunk loads
   const __m512i lanes = PER == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
@@ -54,23 +55,23 @@ __attribute__((always_inline)) inline void qchunk4(__m512 (&acc)[TB][RR], const 
   __m512i lo[RR], hi[RR];
   __m512 dw[RR];
   for (int i = 0; i < RR; ++i) {
-    const uint8_t* p = rp[i] + c * 64;
+    const uint8_t* p = w + i * rb + c * 64;
     _mm_prefetch((const char*)(p + pf), _MM_HINT_T1);
-    const __m512i v = nb == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * nb)) - 1), p);
+    const __m512i v = in_register(nb == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * nb)) - 1), p));
     lo[i] = _mm512_and_si512(v, m4);
     hi[i] = high_nibbles(v);
     const int n = nb == 4 ? SCALES : (nb + PER - 1) / PER;
-    const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n) - 1), sp[i] + c * SCALES));
+    const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << n) - 1), sc + i * G + c * SCALES));
     dw[i] = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s4));
   }
-  qtokens4<TB, RR>(acc, lo, hi, dw, a, t0, c);
+  qtokens4<TB, RR>(acc, lo, hi, dw, x, c);
 }
 
 // Four whole int4 chunks from c0 (512 columns): as qchunk4, with each row's scales of all four chunks
 // loaded and converted once.
 template <int TB, int RR, int PER>
-__attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const uint8_t* const* rp,
-                                                  const uint16_t* const* sp, const QAct& a, int64_t t0, int64_t c0,
+__attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const uint8_t* w, int64_t rb,
+                                                  const uint16_t* sp, int64_t G, const ActView& x, int64_t c0,
                                                   int64_t pf) {
   constexpr int SCALES = 4 / PER;  // per chunk
   const __m512i lanes = PER == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
@@ -79,23 +80,25 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
   const __m512i m4 = _mm512_set1_epi8(15);
   __m512 sc[RR];  // the rows' 4 * SCALES scales, as float
   for (int i = 0; i < RR; ++i)
-    sc[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << (4 * SCALES)) - 1), sp[i] + c0 * SCALES));
+    sc[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << (4 * SCALES)) - 1), sp + i * G + c0 * SCALES));
   if constexpr (TB == 1) {  // each row's scales times the token's, block by block, once for the four chunks
     const __m512i expand = PER == 1 ? _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
                          : PER == 2 ? _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
                                     : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     const __m512i g32 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512 db = _mm512_loadu_ps(a.db.data() + (t0 * a.C + c0) * 4);
+    const __m512 db = _mm512_loadu_ps(x.db + c0 * 4);
     __m512 pr[RR];
     for (int i = 0; i < RR; ++i) pr[i] = _mm512_mul_ps(db, PER == 1 ? sc[i] : _mm512_permutexvar_ps(expand, sc[i]));
     for (int k = 0; k < 4; ++k) {
-      const int64_t c = c0 + k, at = t0 * a.C + c;
+      const int64_t c = c0 + k;
       const __m512i pick = _mm512_add_epi32(g32, _mm512_set1_epi32(4 * k));
-      const __m512i xl = _mm512_loadu_si512(a.q.data() + at * 128), xh = _mm512_loadu_si512(a.q.data() + at * 128 + 64);
-      const __m512i b = _mm512_loadu_si512(a.bias.data() + at * 16);
+      const __m512i xl = in_register(_mm512_loadu_si512(x.q + c * 128));
+      const __m512i xh = in_register(_mm512_loadu_si512(x.q + c * 128 + 64));
+      const __m512i b = in_register(_mm512_loadu_si512(x.bias + c * 16));
       for (int i = 0; i < RR; ++i) {
-        _mm_prefetch((const char*)(rp[i] + c * 64 + pf), _MM_HINT_T1);
-        const __m512i v = _mm512_loadu_si512(rp[i] + c * 64);
+        const uint8_t* p = w + i * rb + c * 64;
+        _mm_prefetch((const char*)(p + pf), _MM_HINT_T1);
+        const __m512i v = in_register(_mm512_loadu_si512(p));
         const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(b, _mm512_and_si512(v, m4), xl), high_nibbles(v), xh);
         acc[0][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(pick, pr[i]), acc[0][i]);
       }
@@ -107,39 +110,43 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
     const __m512i pick = _mm512_add_epi32(lanes, _mm512_set1_epi32(k * SCALES));
     __m512i lo[RR], hi[RR];
     for (int i = 0; i < RR; ++i) {
-      _mm_prefetch((const char*)(rp[i] + c * 64 + pf), _MM_HINT_T1);
-      const __m512i v = _mm512_loadu_si512(rp[i] + c * 64);
+      const uint8_t* p = w + i * rb + c * 64;
+      _mm_prefetch((const char*)(p + pf), _MM_HINT_T1);
+      const __m512i v = in_register(_mm512_loadu_si512(p));
       lo[i] = _mm512_and_si512(v, m4);
       hi[i] = high_nibbles(v);
     }
     __m512 dw[RR];
     for (int i = 0; i < RR; ++i) dw[i] = _mm512_permutexvar_ps(pick, sc[i]);
-    qtokens4<TB, RR>(acc, lo, hi, dw, a, t0, c);
+    qtokens4<TB, RR>(acc, lo, hi, dw, x, c);
   }
 }
 
-// acc[t][i] = the lanes of row r + i of int4 W . token t0 + t, for RR rows and TB tokens (groups of PER blocks).
+// out[t][i] = the lanes of row r + i of int4 W . token t of x, for RR rows and TB tokens (groups of PER
+// blocks); pf: the prefetch distance (prefetch_at).
 template <int TB, int RR, int PER>
-inline void qacc4(const QMat& W, int64_t r, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR]) {
-  const uint8_t* rp[RR];
-  const uint16_t* sp[RR];
-  for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i), sp[i] = W.srow(r + i);
+inline void qacc4(const QMat& W, int64_t r, const ActView x, int64_t pf, __m512 (&out)[TB][RR]) {
+  const uint8_t* const w = W.row(r);
+  const uint16_t* const sp = W.srow(r);
+  const int64_t rb = W.row_bytes(), G = W.G(), whole = W.K / 128, C = x.C;
+  __m512 acc[TB][RR];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
-  const int64_t whole = W.K / 128, pf = prefetch_distance(W.row_bytes());
-  // the scales are a second stream (2 bytes a block, rows back to back): fetch these rows' as far ahead
-  const char* ahead = (const char*)sp[0] + pf / W.row_bytes() * W.G() * 2;
-  for (int64_t b = 0; b < RR * W.G() * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+  // the scales are a second stream (2 bytes a block, rows back to back): fetch those 16 rows ahead
+  const char* ahead = (const char*)(sp + (pf ? 16 : 0) * G);
+  for (int64_t b = 0; b < RR * G * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
   int64_t c = 0;
-  for (; c + 4 <= whole; c += 4) qquad4<TB, RR, PER>(acc, rp, sp, a, t0, c, pf);
-  for (; c < whole; ++c) qchunk4<TB, RR, PER>(acc, rp, sp, a, t0, c, 4, pf);
-  if (whole < a.C) qchunk4<TB, RR, PER>(acc, rp, sp, a, t0, whole, int(W.K % 128 / 32), pf);
+  for (; c + 4 <= whole; c += 4) qquad4<TB, RR, PER>(acc, w, rb, sp, G, x, c, pf);
+  for (; c < whole; ++c) qchunk4<TB, RR, PER>(acc, w, rb, sp, G, x, c, 4, pf);
+  if (whole < C) qchunk4<TB, RR, PER>(acc, w, rb, sp, G, x, whole, int(W.K % 128 / 32), pf);
+  for (int t = 0; t < TB; ++t)
+    for (int i = 0; i < RR; ++i) out[t][i] = acc[t][i];
 }
 
 template <int TB, int RR, int PER>
 inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, float* out, int64_t ldo) {
   __m512 acc[TB][RR];
-  qacc4<TB, RR, PER>(W, r, a, t0, acc);
+  qacc4<TB, RR, PER>(W, r, ActView(a, t0), prefetch_at(W, r, RR), acc);
   add_sums<TB, RR>(acc, out, ldo);
 }
 
@@ -147,16 +154,18 @@ template <int PER>
 inline void qgemv4(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo) {
   const int64_t T = a.T;
   int64_t r = r0;
-  if (T == 1)  // one token: four 4-row blocks share one horizontal reduction (short rows make it count)
+  if (T == 1) {  // one token: four 4-row blocks share one horizontal reduction (short rows make it count)
+    const ActView x(a, 0);
     for (; r + 16 <= r1; r += 16) {
       __m512 v[16];
       for (int g = 0; g < 4; ++g) {
         __m512 acc[1][4];
-        qacc4<1, 4, PER>(W, r + 4 * g, a, 0, acc);
+        qacc4<1, 4, PER>(W, r + 4 * g, x, prefetch_at(W, r + 4 * g, 4), acc);
         for (int i = 0; i < 4; ++i) v[4 * g + i] = acc[0][i];
       }
       _mm512_storeu_ps(Y + r, _mm512_add_ps(_mm512_loadu_ps(Y + r), reduce16(v)));
     }
+  }
   for (; r + 4 <= r1; r += 4) {
     int64_t t = 0;
     for (; t + 4 <= T; t += 4) qdot_block4<4, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);

@@ -1,0 +1,139 @@
+// The fused MoE layer's pieces shared by its two schedules (experts.cpp): an expert's job, the SwiGLU
+// row, the combine, and the decode schedule that gives whole experts to threads.
+//
+// Shape legend: T tokens, D model width, F expert width, n an expert's tokens.
+#pragma once
+
+#include <numeric>
+
+#include "qgemm.h"
+
+namespace moekit {
+
+// out[c] = silu(g[c]) * u[c] from float32 gate/up values, each rounded to the activation dtype first.
+template <typename A>
+inline void swiglu_row(const float* g, const float* u, int64_t n, A* out) {
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  const A* tag = nullptr;
+  for (; c + 16 <= n; c += 16) {
+    __m512 gv = rnd(_mm512_loadu_ps(g + c), tag), uv = rnd(_mm512_loadu_ps(u + c), tag);
+    __m512 s = rnd(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)))), tag);
+    store16(out + c, _mm512_mul_ps(s, uv));
+  }
+#endif
+  for (; c < n; ++c)
+    out[c] = from_f<A>(to_f<A>(from_f<A>(silu(to_f<A>(from_f<A>(g[c]))))) * to_f<A>(from_f<A>(u[c])));
+}
+
+// A routed (or shared) expert's share of the batch: its tokens, their combine weights,
+// where its gate/up rows and down rows live, and scratch for its gathered input/activation.
+template <typename A>
+struct Job {
+  std::vector<int64_t> tok;
+  std::vector<float> wt;
+  const A* w13;  // [2F, D]: gate rows, then up rows
+  const A* w2;   // [D, F]
+  int64_t F;     // this expert's (padded) width
+  std::vector<A> x, act;
+  QMat q13, q2;   // quantised weights instead of w13 / w2, where set
+  QAct qx, qact;  // x and act quantised for them (few tokens)
+};
+
+// y [T, D] = sum over jobs of each token's combine weight times its expert output (out[j] [n_j, D]).
+template <typename A>
+torch::Tensor combine(const torch::Tensor& x, const std::vector<Job<A>>& jobs, const std::vector<std::vector<float>>& out) {
+  const int64_t T = x.size(0), D = x.size(1);
+  // Combine in a fixed job order (deterministic), parallel over column blocks, each expert output
+  // rounded to the activation dtype first as torch's bf16 linear would leave it.
+  auto y = torch::empty({T, D}, x.options());
+  A* Y = (A*)y.data_ptr();
+  const int64_t blocks = (D + 255) / 256, combined = T * D * (int64_t)jobs.size();
+  at::parallel_for(0, blocks, combined < (1 << 16) ? blocks : 1, [&](int64_t b0, int64_t b1) {  // decode: inline
+    const int64_t c0 = b0 * 256, c1 = std::min(D, b1 * 256);
+    std::vector<float> acc(T * (c1 - c0), 0.f);
+    const int64_t w = c1 - c0;
+    const A* tag = nullptr;
+    for (size_t j = 0; j < jobs.size(); ++j)
+      for (size_t i = 0; i < jobs[j].tok.size(); ++i) {
+        float* dst = acc.data() + jobs[j].tok[i] * w;
+        const float* src = out[j].data() + i * D + c0;
+        const float wt = jobs[j].wt[i];
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        for (; c + 16 <= w; c += 16)
+          _mm512_storeu_ps(dst + c, _mm512_fmadd_ps(_mm512_set1_ps(wt), rnd(_mm512_loadu_ps(src + c), tag),
+                                                    _mm512_loadu_ps(dst + c)));
+#endif
+        for (; c < w; ++c) dst[c] += wt * to_f<A>(from_f<A>(src[c]));
+      }
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t c = 0;
+#if defined(__AVX512F__)
+      for (; c + 16 <= w; c += 16) store16(Y + t * D + c0 + c, _mm512_loadu_ps(acc.data() + t * w + c));
+#endif
+      for (; c < w; ++c) Y[t * D + c0 + c] = from_f<A>(acc[t * w + c]);
+    }
+  });
+  return y;
+}
+
+// Whether job j streams rows at its token count (the GEMV kernels) rather than tiling them.
+template <typename A>
+bool streams(const Job<A>& job) {
+  const int64_t n = job.tok.size();
+  return (job.q13 ? qdecode(n) : n < VNNI_MIN_TOKENS) && (job.q2 ? qdecode(n) : n < VNNI_MIN_TOKENS);
+}
+
+// Few tokens, at least as many experts as threads: whole experts to threads (largest first, each to the
+// least loaded), where that leaves the threads within 15% of even. A thread then streams each of its
+// experts' gate+up rows and down rows front to back, with no barrier between the two; split by blocks,
+// each thread restarts its prefetch at every part and waits for the other before the down rows.
+template <typename A>
+std::vector<std::vector<int64_t>> whole_experts(const std::vector<Job<A>>& jobs, int64_t D) {
+  const int64_t threads = at::get_num_threads(), J = jobs.size();
+  if (threads < 2 || J < threads || at::in_parallel_region()) return {};
+  std::vector<double> cost(J);
+  double total = 0;
+  for (int64_t j = 0; j < J; ++j) {
+    if (!streams(jobs[j])) return {};
+    total += cost[j] = 3.0 * jobs[j].F * D * (ITEM_COST + jobs[j].tok.size());
+  }
+  std::vector<int64_t> order(J);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::vector<std::vector<int64_t>> plan(threads);
+  std::vector<double> load(threads, 0.0);
+  for (int64_t j : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    plan[t].push_back(j);
+    load[t] += cost[j];
+  }
+  if (*std::max_element(load.begin(), load.end()) > 1.15 * total / threads) return {};
+  return plan;
+}
+
+// One expert over its few tokens on this thread: gate and up rows as one stream, SwiGLU, down rows.
+template <typename A>
+void expert_stream(Job<A>& job, int64_t D, std::vector<float>& out) {
+  const int64_t n = job.tok.size(), F = job.F;
+  std::vector<float> gu(n * 2 * F, 0.f);
+#if defined(__AVX512VNNI__)
+  QScales blk;
+  if (job.q13) qgemv_rows(stream(job.q13, 0, 2 * F), 0, 2 * F, job.qx, gu.data(), 2 * F, blk);
+  else
+#endif
+    gemv_rows<A>(job.w13, 0, 2 * F, job.x.data(), n, D, gu.data(), 2 * F);
+  for (int64_t i = 0; i < n; ++i)
+    swiglu_row<A>(gu.data() + i * 2 * F, gu.data() + i * 2 * F + F, F, job.act.data() + i * F);
+#if defined(__AVX512VNNI__)
+  if (job.q2) {
+    quantize_act<A>(job.act.data(), n, F, F, job.q2.int4, job.qact);
+    qgemv_rows(stream(job.q2, 0, D), 0, D, job.qact, out.data(), D, blk);
+    return;
+  }
+#endif
+  gemv_rows<A>(job.w2, 0, D, job.act.data(), n, F, out.data(), D);
+}
+
+}  // namespace moekit
