@@ -78,7 +78,7 @@ torch::Tensor combine(const torch::Tensor& x, const std::vector<Job<A>>& jobs, c
   return y;
 }
 
-// Whether job j streams rows at its token count (the GEMV kernels) rather than tiling them.
+// Whether an expert's job streams its rows at its token count (the GEMV kernels) rather than tiling them.
 template <typename A>
 bool streams(const Job<A>& job) {
   const int64_t n = job.tok.size();
