@@ -133,7 +133,7 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // memory (at ~45 GB/s and ~900 GFLOP/s the two balance near 4 tokens), plus one unit per token.
 constexpr double ITEM_COST = 4.0;
 
-// Run fn(i0, i1) over [0, n) in contiguous chunks of (nearly) equal total cost, CHUNKS per thread,
+// Run fn(i0, i1) over [0, n) in contiguous chunks of (nearly) equal total cost, `chunks` per thread,
 // handed out in order to whichever thread is free. Items are ordered by expert and routing can be very
 // uneven, so splitting by count would idle a thread; and on a shared or virtual machine a thread can
 // stall, so a fixed split by cost would idle the other. Each item writes its own outputs: the result
@@ -141,11 +141,12 @@ constexpr double ITEM_COST = 4.0;
 constexpr int64_t CHUNKS = 8;
 
 template <typename Fn>
-void balanced_for(const std::vector<double>& cost, Fn fn) {
+void balanced_for(const std::vector<double>& cost, Fn fn, int64_t chunks = CHUNKS) {
   const int64_t n = cost.size(), threads = at::get_num_threads();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads * (threads > 1 ? CHUNKS : 1), n));
   std::vector<double> prefix(n + 1, 0.0);
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost[i];
+  if (n && (threads == 1 || at::in_parallel_region())) return fn(0, n);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads * chunks, n));
   std::vector<int64_t> cut(parts + 1, n);
   cut[0] = 0;
   for (int64_t p = 1; p < parts; ++p)

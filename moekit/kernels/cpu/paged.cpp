@@ -9,6 +9,8 @@
 // Shape legend: N new query tokens (all requests back to back), H query heads, A head width (Dh in
 // code), P blocks in the pool, G kv heads, C tokens per block, R requests, M block-table width.
 
+#include <optional>
+
 #include "flash.h"
 
 namespace moekit {
@@ -61,11 +63,14 @@ void paged_row(const A* q, A* out, const Paged<A>& kv, int64_t r, int64_t g, int
     for (int64_t j = 0; j < nk; j += 16) {  // up to 16 keys at a time, summed with one reduce16
       const int64_t m = std::min<int64_t>(16, nk - j);
       __m512 acc[16];
-      for (int i = 0; i < 16; ++i) {
-        acc[i] = _mm512_setzero_ps();
-        if (i < m)
-          for (int64_t c = 0; c < nv; ++c)
-            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + c * 16), load16(K + (j + i) * kv.kc + c * 16), acc[i]);
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < nv; ++c) {  // slice by slice: 16 independent sums in flight, not one
+        const __m512 qc = _mm512_loadu_ps(qf + c * 16);
+        const A* kc = K + j * kv.kc + c * 16;
+        if (m == 16)
+          for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qc, load16(kc + i * kv.kc), acc[i]);
+        else
+          for (int i = 0; i < m; ++i) acc[i] = _mm512_fmadd_ps(qc, load16(kc + i * kv.kc), acc[i]);
       }
       const __mmask16 ok = (__mmask16)((1u << m) - 1);
       const __m512 sv = reduce16(acc);
@@ -162,7 +167,8 @@ torch::Tensor paged_impl(const torch::Tensor& q, const torch::Tensor& k, const t
     }
   }
   balanced_for(cost, [&](int64_t i0, int64_t i1) {
-    FlashScratch w(nb ? Dh : 0);
+    std::optional<FlashScratch> w;  // flash items only: its buffers are some 40 KB to zero
+    if (nb) w.emplace(Dh);
     std::vector<float> qf(Dh), s(row_keys + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = items[i];
@@ -179,13 +185,13 @@ torch::Tensor paged_impl(const torch::Tensor& q, const torch::Tensor& k, const t
       if constexpr (std::is_same_v<A, bf16>)
         if (dp) {
           flash_block_bf16(qr, qn, orow, H * Dh, kw.data() + f / 2, vw.data() + f / 2, nullptr, it.t0, it.nq, n, S,
-                           Dh, scale, w);
+                           Dh, scale, *w);
           continue;
         }
 #endif
-      flash_block<A>(qr, qn, orow, H * Dh, kt.data() + f, vf.data() + f, nullptr, it.t0, it.nq, n, S, Dh, scale, w);
+      flash_block<A>(qr, qn, orow, H * Dh, kt.data() + f, vf.data() + f, nullptr, it.t0, it.nq, n, S, Dh, scale, *w);
     }
-  });
+  }, nb ? CHUNKS : 1);  // decode only: one part a thread, each a run of whole kv groups
   return out;
 #else
   TORCH_CHECK(false, "moekit cpu kernel: paged attention needs AVX-512");

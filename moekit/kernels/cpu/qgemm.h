@@ -66,16 +66,18 @@ __attribute__((always_inline)) inline void qchunk(__m512 (&acc)[TB][RR], const u
   }
 }
 
-// acc[t][i] = the lanes of row r + i of int8 W . token t0 + t (scales: s.f, qscales), RR rows, TB tokens.
+// acc[t][i] = the lanes of row r + i * rs of int8 W . token t0 + t (scales: s.f, qscales), RR rows, TB
+// tokens; pf: the prefetch distance (prefetch_at).
 template <int TB, int RR, int SC>
-inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR]) {
+inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR],
+                 int64_t pf, int64_t rs = 1) {
   const int64_t rb = W.row_bytes(), G = W.G();
   const uint8_t* rp[RR];
   const float* sp[RR];
-  for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i), sp[i] = s.f.data() + i * G;
+  for (int i = 0; i < RR; ++i) rp[i] = W.row(r + i * rs), sp[i] = s.f.data() + i * G;
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
-  const int64_t whole = W.K / 64, pf = prefetch_at(W, r, RR);  // whole: chunks inside every row
+  const int64_t whole = W.K / 64;  // chunks inside every row
   const ActView x(a, t0);
   const int32_t* gi = s.gi.data();
   for (int64_t c = 0; c < whole; ++c) qchunk<TB, RR, SC>(acc, rp, rb, sp, gi, G, x, c, true, pf);
@@ -86,7 +88,7 @@ inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int6
 template <int TB, int RR, int SC>
 inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, float* out, int64_t ldo) {
   __m512 acc[TB][RR];
-  qacc<TB, RR, SC>(W, r, s, a, t0, acc);
+  qacc<TB, RR, SC>(W, r, s, a, t0, acc, prefetch_at(W, r, RR));
   __m512 v[16];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) v[t * RR + i] = acc[t][i];
@@ -97,13 +99,13 @@ inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a
     for (int i = 0; i < RR; ++i) out[t * ldo + i] += sums[t * RR + i] * (SC == SC_ROW ? s.f[i * W.G()] : 1.f);
 }
 
-// The float scales of RR int8 rows from r into s.f [RR, G].
+// The float scales of RR int8 rows r + i * rs into s.f [RR, G].
 template <int RR>
-inline void qscales(const QMat& W, int64_t r, QScales& s) {
+inline void qscales(const QMat& W, int64_t r, QScales& s, int64_t rs = 1) {
   const int64_t G = W.G();
   s.f.resize(RR * G);
   for (int i = 0; i < RR; ++i) {
-    const uint16_t* h = W.srow(r + i);
+    const uint16_t* h = W.srow(r + i * rs);
     int64_t g = 0;
     for (; g + 16 <= G; g += 16)
       _mm512_storeu_ps(s.f.data() + i * G + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + g))));
@@ -129,20 +131,13 @@ inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y,
 template <int SC>
 inline void qgemv_t(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo, QScales& s) {
   int64_t r = r0;
-  if (a.T == 1)  // one token: four 4-row blocks share one horizontal reduction, as qgemv4
-    for (; r + 16 <= r1; r += 16) {
-      __m512 v[16];
-      float row_scale[16];
-      for (int g = 0; g < 4; ++g) {
-        qscales<4>(W, r + 4 * g, s);
-        __m512 acc[1][4];
-        qacc<1, 4, SC>(W, r + 4 * g, s, a, 0, acc);
-        for (int i = 0; i < 4; ++i) v[4 * g + i] = acc[0][i], row_scale[4 * g + i] = s.f[i * W.G()];
-      }
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, reduce16(v));
-      for (int i = 0; i < 16; ++i) Y[r + i] += sums[i] * (SC == SC_ROW ? row_scale[i] : 1.f);
-    }
+  if (a.T == 1)  // one token: rows from four regions (qact.h)
+    r = one_token_rows(W, r0, r1, Y, [&](int64_t rr, int64_t rs, int64_t pf, __m512* out, float* mul) {
+      qscales<4>(W, rr, s, rs);
+      __m512 acc[1][4];
+      qacc<1, 4, SC>(W, rr, s, a, 0, acc, pf, rs);
+      for (int i = 0; i < 4; ++i) out[i] = acc[0][i], mul[i] = SC == SC_ROW ? s.f[i * W.G()] : 1.f;
+    });
   for (; r + 4 <= r1; r += 4) qrows<4, SC>(W, r, s, a, Y, ldo);
   for (; r < r1; ++r) qrows<1, SC>(W, r, s, a, Y, ldo);
 }

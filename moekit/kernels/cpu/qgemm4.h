@@ -122,19 +122,22 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
   }
 }
 
-// out[t][i] = the lanes of row r + i of int4 W . token t of x, for RR rows and TB tokens (groups of PER
-// blocks); pf: the prefetch distance (prefetch_at).
+// out[t][i] = the lanes of row r + i * rs of int4 W . token t of x, for RR rows and TB tokens (groups of
+// PER blocks); pf: the prefetch distance (prefetch_at).
 template <int TB, int RR, int PER>
-inline void qacc4(const QMat& W, int64_t r, const ActView x, int64_t pf, __m512 (&out)[TB][RR]) {
+inline void qacc4(const QMat& W, int64_t r, const ActView x, int64_t pf, __m512 (&out)[TB][RR], int64_t rs = 1) {
   const uint8_t* const w = W.row(r);
   const uint16_t* const sp = W.srow(r);
-  const int64_t rb = W.row_bytes(), G = W.G(), whole = W.K / 128, C = x.C;
+  // rb, G: the byte and scale strides between the RR rows
+  const int64_t rb = W.row_bytes() * rs, G = W.G() * rs, whole = W.K / 128, C = x.C;
   __m512 acc[TB][RR];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) acc[t][i] = _mm512_setzero_ps();
   // the scales are a second stream (2 bytes a block, rows back to back): fetch those 16 rows ahead
-  const char* ahead = (const char*)(sp + (pf ? 16 : 0) * G);
-  for (int64_t b = 0; b < RR * G * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+  for (int i = 0; i < RR; ++i) {
+    const char* ahead = (const char*)(sp + i * G + (pf ? 16 : 0) * W.G());
+    for (int64_t b = 0; b < W.G() * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+  }
   int64_t c = 0;
   for (; c + 4 <= whole; c += 4) qquad4<TB, RR, PER>(acc, w, rb, sp, G, x, c, pf);
   for (; c < whole; ++c) qchunk4<TB, RR, PER>(acc, w, rb, sp, G, x, c, 4, pf);
@@ -154,17 +157,13 @@ template <int PER>
 inline void qgemv4(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo) {
   const int64_t T = a.T;
   int64_t r = r0;
-  if (T == 1) {  // one token: four 4-row blocks share one horizontal reduction (short rows make it count)
+  if (T == 1) {  // one token: rows from four regions (qact.h)
     const ActView x(a, 0);
-    for (; r + 16 <= r1; r += 16) {
-      __m512 v[16];
-      for (int g = 0; g < 4; ++g) {
-        __m512 acc[1][4];
-        qacc4<1, 4, PER>(W, r + 4 * g, x, prefetch_at(W, r + 4 * g, 4), acc);
-        for (int i = 0; i < 4; ++i) v[4 * g + i] = acc[0][i];
-      }
-      _mm512_storeu_ps(Y + r, _mm512_add_ps(_mm512_loadu_ps(Y + r), reduce16(v)));
-    }
+    r = one_token_rows(W, r0, r1, Y, [&](int64_t rr, int64_t rs, int64_t pf, __m512* out, float* mul) {
+      __m512 acc[1][4];
+      qacc4<1, 4, PER>(W, rr, x, pf, acc, rs);
+      for (int i = 0; i < 4; ++i) out[i] = acc[0][i], mul[i] = 1.f;
+    });
   }
   for (; r + 4 <= r1; r += 4) {
     int64_t t = 0;
