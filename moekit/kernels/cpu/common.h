@@ -96,15 +96,15 @@ inline __m512 reduce16(const __m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// out[t * ldo + r] += horizontal sum of acc[t][r] for TB x RR accumulators (TB * RR <= 16).
+// out[t * ldo + r * rs] += horizontal sum of acc[t][r] for TB x RR accumulators (TB * RR <= 16).
 template <int TB, int RR>
-inline void add_sums(__m512 (&acc)[TB][RR], float* out, int64_t ldo) {
+inline void add_sums(__m512 (&acc)[TB][RR], float* out, int64_t ldo, int64_t rs = 1) {
   static_assert(TB * RR <= 16, "at most 16 accumulators");
   __m512 v[16];
   for (int i = 0; i < 16; ++i) v[i] = i < TB * RR ? acc[i / RR][i % RR] : _mm512_setzero_ps();
   alignas(64) float sums[16];
   _mm512_store_ps(sums, reduce16(v));
-  for (int i = 0; i < TB * RR; ++i) out[(i / RR) * ldo + i % RR] += sums[i];
+  for (int i = 0; i < TB * RR; ++i) out[(i / RR) * ldo + (i % RR) * rs] += sums[i];
 }
 #endif
 

@@ -91,24 +91,45 @@ inline QMat stream(QMat W, int64_t r0, int64_t r1) {
   return W;
 }
 
-#if defined(__AVX512F__)
-// The one-token schedule of both decode kernels over rows [r0, r1): four regions of Q rows (Q a multiple
-// of 4, 4Q <= r1 - r0), each step rows o .. o + 3 of every region, so a thread reads four streams far
-// apart. The hardware prefetcher follows those; four adjacent rows read side by side it follows poorly
-// (a stand-alone int4 kernel, 2 threads, cold 1024- and 3584-column rows: 27-30 GB/s, 33-36 this way,
-// against 35-40 for a plain 4-stream read; 8 or 16 regions were slower than 4).
-// block(r, rs, pf, acc, mul) fills acc[i] with the lanes of row r + i * rs (i < 4) and mul[i] with the
-// factor its sum takes (a per-channel scale, else 1); four blocks share one horizontal reduction.
+// The few-token schedule of both decode kernels over rows [r0, r1): four regions of Q rows each (Q a
+// multiple of 4, 4Q <= r1 - r0; the rows past them go on as before), read side by side, so a thread reads
+// four streams far apart. The hardware prefetcher follows those; four adjacent rows read side by side it
+// follows poorly (a stand-alone int4 kernel, 2 threads, cold 1024- and 3584-column rows: 27-30 GB/s, 33-36
+// this way, against 35-40 for a plain 4-stream read; 8 or 16 regions were slower than 4). Returns Q, with
+// the first rows of regions 1-3 prefetched (region 0's: stream()).
+inline int64_t regions(const QMat& W, int64_t r0, int64_t r1) {
+  const int64_t Q = (r1 - r0) / 16 * 4, rb = W.row_bytes(), n = std::min(prefetch_distance(rb), Q * rb);
+  for (int s = 1; s < 4 && Q; ++s) {
+    const char* p = (const char*)W.row(r0 + s * Q);
+    for (int64_t o = 0; o < n; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+  }
+  return Q;
+}
+
+// The prefetch distance for a block of region rows ending at row `end` of Q: none past the region's end.
+inline int64_t region_pf(const QMat& W, int64_t end, int64_t Q) {
+  const int64_t rb = W.row_bytes(), pf = prefetch_distance(rb);
+  return end * rb + pf > Q * rb ? 0 : pf;
+}
+
+// Few tokens: quad(r, rs, pf) computes rows r + i * rs (i < 4) for every token, for each row r of region 0.
 // Returns the first row not done.
+template <typename Quad>
+inline int64_t region_quads(const QMat& W, int64_t r0, int64_t r1, Quad&& quad) {
+  const int64_t Q = regions(W, r0, r1);
+  for (int64_t o = 0; o < Q; ++o) quad(r0 + o, Q, region_pf(W, o + 1, Q));
+  return r0 + 4 * Q;
+}
+
+#if defined(__AVX512F__)
+// One token: block(r, rs, pf, acc, mul) fills acc[i] with the lanes of row r + i * rs (i < 4) and mul[i]
+// with the factor its sum takes (a per-channel scale, else 1); four blocks (rows o .. o + 3 of every
+// region) share one horizontal reduction. Returns the first row not done.
 template <typename Block>
 inline int64_t one_token_rows(const QMat& W, int64_t r0, int64_t r1, float* Y, Block&& block) {
-  const int64_t Q = (r1 - r0) / 16 * 4, rb = W.row_bytes(), pf0 = prefetch_distance(rb);
-  for (int s = 1; s < 4 && Q; ++s) {  // regions 1-3 start cold (region 0 from stream())
-    const char* p = (const char*)W.row(r0 + s * Q);
-    for (int64_t o = 0; o < std::min(pf0, Q * rb); o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-  }
+  const int64_t Q = regions(W, r0, r1);
   for (int64_t o = 0; o < Q; o += 4) {
-    const int64_t pf = (o + 4) * rb + pf0 > Q * rb ? 0 : pf0;  // no prefetch past a region's end
+    const int64_t pf = region_pf(W, o + 4, Q);
     __m512 v[16];
     float mul[16];
     for (int g = 0; g < 4; ++g) {

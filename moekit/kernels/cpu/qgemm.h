@@ -84,11 +84,12 @@ inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int6
   if (whole < a.C) qchunk<TB, RR, SC>(acc, rp, rb, sp, gi, G, x, whole, false, pf);
 }
 
-// out[t * ldo + i] += row r + i of W . token t0 + t, for RR rows and TB tokens.
+// out[t * ldo + i * rs] += row r + i * rs of W . token t0 + t, for RR rows and TB tokens.
 template <int TB, int RR, int SC>
-inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, float* out, int64_t ldo) {
+inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, float* out, int64_t ldo,
+                       int64_t pf, int64_t rs) {
   __m512 acc[TB][RR];
-  qacc<TB, RR, SC>(W, r, s, a, t0, acc, prefetch_at(W, r, RR));
+  qacc<TB, RR, SC>(W, r, s, a, t0, acc, pf, rs);
   __m512 v[16];
   for (int t = 0; t < TB; ++t)
     for (int i = 0; i < RR; ++i) v[t * RR + i] = acc[t][i];
@@ -96,7 +97,7 @@ inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a
   alignas(64) float sums[16];
   _mm512_store_ps(sums, reduce16(v));
   for (int t = 0; t < TB; ++t)
-    for (int i = 0; i < RR; ++i) out[t * ldo + i] += sums[t * RR + i] * (SC == SC_ROW ? s.f[i * W.G()] : 1.f);
+    for (int i = 0; i < RR; ++i) out[t * ldo + i * rs] += sums[t * RR + i] * (SC == SC_ROW ? s.f[i * W.G()] : 1.f);
 }
 
 // The float scales of RR int8 rows r + i * rs into s.f [RR, G].
@@ -113,33 +114,36 @@ inline void qscales(const QMat& W, int64_t r, QScales& s, int64_t rs = 1) {
   }
 }
 
-// RR rows of int8 W from r against all tokens: their scales in float, then blocks of up to 4 tokens.
+// RR rows r + i * rs of int8 W against all tokens: their scales in float, then blocks of up to 4 tokens.
 template <int RR, int SC>
-inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y, int64_t ldo) {
+inline void qrows(const QMat& W, int64_t r, QScales& s, const QAct& a, float* Y, int64_t ldo, int64_t pf,
+                  int64_t rs = 1) {
   const int64_t T = a.T;
-  qscales<RR>(W, r, s);
+  qscales<RR>(W, r, s, rs);
   int64_t t = 0;
-  for (; t + 4 <= T; t += 4) qdot_block<4, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo);
+  for (; t + 4 <= T; t += 4) qdot_block<4, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo, pf, rs);
   if (T - t == 3) {
-    qdot_block<3, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo);
+    qdot_block<3, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo, pf, rs);
     t += 3;
   }
-  for (; t + 2 <= T; t += 2) qdot_block<2, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo);
-  if (T - t == 1) qdot_block<1, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo);
+  for (; t + 2 <= T; t += 2) qdot_block<2, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo, pf, rs);
+  if (T - t == 1) qdot_block<1, RR, SC>(W, r, s, a, t, Y + t * ldo + r, ldo, pf, rs);
 }
 
 template <int SC>
 inline void qgemv_t(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo, QScales& s) {
-  int64_t r = r0;
-  if (a.T == 1)  // one token: rows from four regions (qact.h)
+  int64_t r;  // rows from four regions (qact.h), then the rest
+  if (a.T == 1)
     r = one_token_rows(W, r0, r1, Y, [&](int64_t rr, int64_t rs, int64_t pf, __m512* out, float* mul) {
       qscales<4>(W, rr, s, rs);
       __m512 acc[1][4];
       qacc<1, 4, SC>(W, rr, s, a, 0, acc, pf, rs);
       for (int i = 0; i < 4; ++i) out[i] = acc[0][i], mul[i] = SC == SC_ROW ? s.f[i * W.G()] : 1.f;
     });
-  for (; r + 4 <= r1; r += 4) qrows<4, SC>(W, r, s, a, Y, ldo);
-  for (; r < r1; ++r) qrows<1, SC>(W, r, s, a, Y, ldo);
+  else
+    r = region_quads(W, r0, r1, [&](int64_t rr, int64_t rs, int64_t pf) { qrows<4, SC>(W, rr, s, a, Y, ldo, pf, rs); });
+  for (; r + 4 <= r1; r += 4) qrows<4, SC>(W, r, s, a, Y, ldo, prefetch_at(W, r, 4));
+  for (; r < r1; ++r) qrows<1, SC>(W, r, s, a, Y, ldo, prefetch_at(W, r, 1));
 }
 
 // Y[t * ldo + r] += W[r] . X[t] for rows [r0, r1) of W and the activations `a` (quantised for W).

@@ -146,33 +146,41 @@ inline void qacc4(const QMat& W, int64_t r, const ActView x, int64_t pf, __m512 
     for (int i = 0; i < RR; ++i) out[t][i] = acc[t][i];
 }
 
+// out[t * ldo + i * rs] += row r + i * rs of W . token t0 + t, RR rows, TB tokens; pf: the prefetch distance.
 template <int TB, int RR, int PER>
-inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, float* out, int64_t ldo) {
+inline void qdot_block4(const QMat& W, int64_t r, const QAct& a, int64_t t0, float* out, int64_t ldo, int64_t pf,
+                        int64_t rs = 1) {
   __m512 acc[TB][RR];
-  qacc4<TB, RR, PER>(W, r, ActView(a, t0), prefetch_at(W, r, RR), acc);
-  add_sums<TB, RR>(acc, out, ldo);
+  qacc4<TB, RR, PER>(W, r, ActView(a, t0), pf, acc, rs);
+  add_sums<TB, RR>(acc, out, ldo, rs);
+}
+
+// Rows r + i * rs (i < 4) of W against every token, in blocks of up to 4 tokens.
+template <int PER>
+inline void qrows4(const QMat& W, int64_t r, const QAct& a, float* Y, int64_t ldo, int64_t pf, int64_t rs) {
+  int64_t t = 0;
+  for (; t + 4 <= a.T; t += 4) qdot_block4<4, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo, pf, rs);
+  for (; t + 2 <= a.T; t += 2) qdot_block4<2, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo, pf, rs);
+  if (t < a.T) qdot_block4<1, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo, pf, rs);
 }
 
 template <int PER>
 inline void qgemv4(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo) {
   const int64_t T = a.T;
   int64_t r = r0;
-  if (T == 1) {  // one token: rows from four regions (qact.h)
+  if (T == 1) {  // rows from four regions (qact.h)
     const ActView x(a, 0);
     r = one_token_rows(W, r0, r1, Y, [&](int64_t rr, int64_t rs, int64_t pf, __m512* out, float* mul) {
       __m512 acc[1][4];
       qacc4<1, 4, PER>(W, rr, x, pf, acc, rs);
       for (int i = 0; i < 4; ++i) out[i] = acc[0][i], mul[i] = 1.f;
     });
+  } else {
+    r = region_quads(W, r0, r1, [&](int64_t rr, int64_t rs, int64_t pf) { qrows4<PER>(W, rr, a, Y, ldo, pf, rs); });
   }
-  for (; r + 4 <= r1; r += 4) {
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) qdot_block4<4, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-    for (; t + 2 <= T; t += 2) qdot_block4<2, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-    if (t < T) qdot_block4<1, 4, PER>(W, r, a, t, Y + t * ldo + r, ldo);
-  }
+  for (; r + 4 <= r1; r += 4) qrows4<PER>(W, r, a, Y, ldo, prefetch_at(W, r, 4), 1);
   for (; r < r1; ++r)
-    for (int64_t t = 0; t < T; ++t) qdot_block4<1, 1, PER>(W, r, a, t, Y + t * ldo + r, ldo);
+    for (int64_t t = 0; t < T; ++t) qdot_block4<1, 1, PER>(W, r, a, t, Y + t * ldo + r, ldo, prefetch_at(W, r, 1));
 }
 #endif
 
