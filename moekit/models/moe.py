@@ -53,10 +53,8 @@ class Router(nn.Module):
             return self._logits(x_TD.float())
 
     def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.proj.weight.dtype == x_TD.dtype:
-            h_TE = self.kernels.linear(x_TD, self.proj.weight)
-        else:
-            h_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
+        w = self.proj.weight
+        h_TE = self.kernels.linear(x_TD, w if w.dtype == x_TD.dtype else w.to(x_TD.dtype))
         if self.proj2 is not None:
             h_TE = F.linear(torch.tanh(h_TE), self.proj2.weight.to(h_TE.dtype))
         return h_TE

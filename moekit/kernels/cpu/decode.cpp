@@ -69,7 +69,6 @@ struct Layer {
   Mat w13, w2, s13, s2;  // experts (or a dense MLP) and the shared expert
   torch::Tensor router, router2, bias, shared_gate;
   bool router_fp32 = false, softmax = true, renorm = true;
-  bool converted = false;  // router weights converted to the logits' dtype here: ATen's linear, as the per-op path
   int64_t top_k = 0;
   double eps = 0, scale = 1;
 
@@ -85,8 +84,7 @@ struct Layer {
     router_fp32 = d["router_fp32"].cast<bool>();
     // the per-op path converts the router weights to the logits' dtype on every call; here once (same values)
     const auto logits_dtype = router_fp32 ? torch::kFloat : attn_norm.w.scalar_type();
-    converted = router.scalar_type() != logits_dtype;
-    if (converted) router = router.to(logits_dtype);
+    if (router.scalar_type() != logits_dtype) router = router.to(logits_dtype);
     if (router2.defined() && router2.scalar_type() != logits_dtype) router2 = router2.to(logits_dtype);
     softmax = d["softmax"].cast<bool>();
     renorm = d["renormalize"].cast<bool>();
@@ -98,7 +96,7 @@ struct Layer {
   // Router.logits + kernels.route + MoE.forward's scale (inference: no noise, jitter or capacity).
   std::vector<torch::Tensor> route_tokens(const torch::Tensor& x) const {
     const torch::Tensor xr = router_fp32 ? x.to(torch::kFloat) : x;
-    torch::Tensor h = converted ? at::linear(xr, router) : moekit::linear(xr, router, c10::nullopt);
+    torch::Tensor h = moekit::linear(xr, router, c10::nullopt);
     if (router2.defined()) h = at::linear(at::tanh(h), router2);
     auto r = moekit::route(h.to(torch::kFloat).contiguous(), top_k, softmax, renorm, eps, 1.0,
                    bias.defined() ? Opt(bias.to(torch::kFloat).contiguous()) : c10::nullopt);
