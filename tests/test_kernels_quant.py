@@ -90,7 +90,8 @@ def test_linear(fmt, group, dtype, T, kern, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS)
-@pytest.mark.parametrize("T, N", [(1, 70), (3, 33), (6, 8), (13, 130)])
+@pytest.mark.parametrize("T, N", [(1, 70), (3, 33), (6, 8), (13, 130), (1, 1000), (2, 1000)])  # 1000: four-region
+# schedules (qact.h) with a remainder of rows in each thread's part
 @pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
 def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, long, kern, monkeypatch):
     # short: the last chunk partial (64 columns for int8, 128 for int4); long: int4 rows with whole
