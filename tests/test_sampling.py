@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from moekit.engine.sampling import SamplingParams, apply_penalties, draw_key, gumbel, sample, warp, warp_rows
+from moekit.engine.sampling import (SamplingParams, apply_penalties, argmax_rows, draw_key, gumbel, sample, warp,
+                                   warp_rows)
 
 
 def test_repetition_penalty_hand_computed():
@@ -99,3 +100,18 @@ def test_draws_depend_on_the_key_only():
 def test_invalid_parameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"sampling parameter {field}="):
         SamplingParams(**{field: value})
+
+
+def test_argmax_rows_is_torch_argmax():
+    # the greedy pick goes through NumPy on the CPU: the same first maximum as torch.argmax, ties, NaN
+    # (counted as the maximum), infinities and an all -inf row included
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (32, 300), generator=g).float()
+    x[3, 7] = x[3, 100] = math.nan
+    x[5] = -math.inf
+    x[9, 4] = x[9, 8] = math.inf
+    x[11, 0] = -0.0
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(-1))
+    assert got[[3, 5, 9]].tolist() == [7, 0, 4]
+    assert torch.equal(argmax_rows(x[:, ::2]), x[:, ::2].argmax(-1))  # a strided view

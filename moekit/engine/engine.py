@@ -288,10 +288,12 @@ class Engine:
             return []
         reqs = [r for r, _ in samplers]
         params = [r.params for r in reqs]
-        logits_BV = logits_KV[[k for _, k in samplers]]
+        rows = [k for _, k in samplers]
+        logits_BV = logits_KV if rows == list(range(len(logits_KV))) else logits_KV[rows]  # decode: every row
         B, V = logits_BV.shape
         dev = logits_BV.device
-        keys = torch.tensor([draw_key(r.seed, len(r.output_ids)) for r in reqs], device=dev)
+        keys = None if all(p.greedy for p in params) else torch.tensor(  # noise keys: only a draw reads them
+            [draw_key(r.seed, len(r.output_ids)) for r in reqs], device=dev)
         seen = counts = suppress = None
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             seen = self._token_mask(reqs, lambda r: r.tokens, V, dev).bool()

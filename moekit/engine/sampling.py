@@ -166,6 +166,14 @@ def gumbel(keys_B: torch.Tensor, V: int) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).float()
 
 
+def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum [B] (int64), NaN counting as the maximum, as ``torch.argmax``; on the CPU
+    through NumPy, whose argmax of an 8000-wide row takes about 4 us where torch's takes 11."""
+    if x_BV.device.type == "cpu" and x_BV.dtype == torch.float32:
+        return torch.from_numpy(x_BV.numpy().argmax(-1))
+    return x_BV.argmax(-1)
+
+
 def sample(logits_BV: torch.Tensor, params: list[SamplingParams], keys_B: torch.Tensor | None,
            seen_BV: torch.Tensor | None = None, counts_BV: torch.Tensor | None = None,
            suppress_BV: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,10 +188,10 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams], keys_B: torch.
         logits_BV = apply_penalties(logits_BV, params, seen_BV, counts_BV)
     if suppress_BV is not None:
         logits_BV = logits_BV.masked_fill(suppress_BV, -math.inf)
-    greedy = torch.tensor([p.greedy for p in params], device=logits_BV.device)
-    best = logits_BV.argmax(-1)
-    if bool(greedy.all()):
+    best = argmax_rows(logits_BV)
+    if all(p.greedy for p in params):
         return best
+    greedy = torch.tensor([p.greedy for p in params], device=logits_BV.device)
     scores = warp_rows(logits_BV, params).log_softmax(-1) + gumbel(keys_B, logits_BV.shape[-1])
     return torch.where(greedy, best, scores.argmax(-1))
 
