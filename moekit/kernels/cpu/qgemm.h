@@ -70,7 +70,7 @@ __attribute__((always_inline)) inline void qchunk(__m512 (&acc)[TB][RR], const u
 // tokens; pf: the prefetch distance (prefetch_at).
 template <int TB, int RR, int SC>
 inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, __m512 (&acc)[TB][RR],
-                 int64_t pf, int64_t rs = 1) {
+                 int64_t pf, int64_t rs) {
   const int64_t rb = W.row_bytes(), G = W.G();
   const uint8_t* rp[RR];
   const float* sp[RR];
@@ -102,7 +102,7 @@ inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a
 
 // The float scales of RR int8 rows r + i * rs into s.f [RR, G].
 template <int RR>
-inline void qscales(const QMat& W, int64_t r, QScales& s, int64_t rs = 1) {
+inline void qscales(const QMat& W, int64_t r, QScales& s, int64_t rs) {
   const int64_t G = W.G();
   s.f.resize(RR * G);
   for (int i = 0; i < RR; ++i) {

@@ -125,7 +125,7 @@ __attribute__((always_inline)) inline void qquad4(__m512 (&acc)[TB][RR], const u
 // out[t][i] = the lanes of row r + i * rs of int4 W . token t of x, for RR rows and TB tokens (groups of
 // PER blocks); pf: the prefetch distance (prefetch_at).
 template <int TB, int RR, int PER>
-inline void qacc4(const QMat& W, int64_t r, const ActView x, int64_t pf, __m512 (&out)[TB][RR], int64_t rs = 1) {
+inline void qacc4(const QMat& W, int64_t r, const ActView x, int64_t pf, __m512 (&out)[TB][RR], int64_t rs) {
   const uint8_t* const w = W.row(r);
   const uint16_t* const sp = W.srow(r);
   // rb, G: the byte and scale strides between the RR rows
