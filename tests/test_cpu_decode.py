@@ -95,13 +95,34 @@ def test_fused_decode_refuses_with_a_reason(checkpoints):
 def test_fused_step_names_bad_input(checkpoints):
     model = moekit.load(checkpoints("mixtral")[0], dtype=torch.float32, kernels="cpu", progress=False)
     eng = engine(model)
-    one = torch.tensor([3])
-    args = dict(ids_N=one, positions_N=torch.tensor([0]), limit=1, table_RM=torch.zeros(1, 1, dtype=torch.int32),
-                starts_R1=torch.tensor([0, 1], dtype=torch.int32), lens_R=torch.tensor([1], dtype=torch.int32),
-                kv=eng.kv)
+    good = dict(ids=[3], pos=[0], slots=[4], table=[[0]], lens=[1], kv=eng.kv)
     with torch.inference_mode():
-        eng.fused(slots_N=torch.tensor([4]), **args)
-        with pytest.raises(RuntimeError, match="slot outside the pool"):
-            eng.fused(slots_N=torch.tensor([10**9]), **args)
-        with pytest.raises(RuntimeError, match="ids and slots must be int64"):
-            eng.fused(slots_N=torch.tensor([4], dtype=torch.int32), **args)
+        logits, best = eng.fused(**good)
+        assert logits.shape == (1, model.config.vocab_size) and best == [int(logits[0].argmax())]
+        for bad, match in [(dict(slots=[10**9]), "slot outside the pool"),
+                           (dict(ids=[10**9]), "token id outside the vocabulary"),
+                           (dict(lens=[1, 1]), "one entry a token"),
+                           (dict(table=[[-1]]), "block table entries")]:
+            with pytest.raises(RuntimeError, match=match):
+                eng.fused(**{**good, **bad})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_step_argmax_is_torch_argmax(dtype, checkpoints):
+    """The step's argmax, greedy sampling's token, takes the first of tied maxima and a NaN as the maximum,
+    as torch.argmax does: rows 5 and 7 of the LM head are equal, 11 and 13 their negation, the rest zero."""
+    model = moekit.load(checkpoints("mixtral")[0], dtype=dtype, kernels="cpu", progress=False)
+    w = model.output_weight
+    with torch.no_grad():
+        v = w[2].clone()
+        w.zero_()
+        w[5], w[7], w[11], w[13] = v, v, -v, -v
+    eng = engine(model)
+    step = dict(ids=[3, 8, 1], pos=[0, 0, 0], slots=[4, 8, 12], table=[[1], [2], [3]], lens=[1, 1, 1], kv=eng.kv)
+    with torch.inference_mode():
+        logits, best = eng.fused(**step)
+        assert best == logits.float().argmax(-1).tolist() and set(best) <= {5, 11}
+        with torch.no_grad():
+            w[9] = float("nan")
+        logits, best = engine(model).fused(**step)
+        assert logits.float()[:, 9].isnan().all() and best == logits.float().argmax(-1).tolist() == [9, 9, 9]

@@ -238,7 +238,7 @@ class Engine:
             if c1 == r.num_tokens:
                 samplers.append((r, len(rows)))
                 rows.append(base + s.num_new - 1)
-        dev = self.device
+        dev, best = self.device, None  # best: each logits row's argmax, where the step gives it
         M = max(map(len, table))
         decode_only = len(ids) == len(plan) and not owed
         if self.governor is not None:
@@ -246,11 +246,9 @@ class Engine:
         if self.graphs is not None and decode_only and self.graphs.fits(len(plan), M):
             logits_KV = self.graphs.run(ids, pos, slots, table, lens)
         elif self.fused is not None and decode_only and self.fused.applies(len(ids)):  # on the CPU
-            logits_KV = self.fused(torch.tensor(ids), torch.tensor(pos), max(pos) + 1, torch.tensor(slots),
-                                   self._table(table, M, dev), torch.tensor(starts, dtype=torch.int32),
-                                   torch.tensor(lens, dtype=torch.int32), self.kv)
+            logits_KV, best = self.fused(ids, pos, slots, table, lens, self.kv)
             if len(rows) != len(ids):
-                logits_KV = logits_KV[rows]
+                logits_KV, best = logits_KV[rows], [best[k] for k in rows]
         else:
             table_RM = self._table(table, M, dev)
             batch = PagedBatch(self.kv, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), table_RM,
@@ -264,7 +262,7 @@ class Engine:
             self.scheduler.computed(s.request, s.num_new)
         self._account()
         self._prompt_logprobs(logits_KV, owed)
-        return self._sample(logits_KV, samplers)
+        return self._sample(logits_KV, samplers, best)
 
     @staticmethod
     def _table(table: list[list[int]], M: int, dev) -> torch.Tensor:
@@ -283,7 +281,8 @@ class Engine:
                 r.prompt_logprobs.append(TokenLogprob(r.prompt_ids[p + 1], float(lp[i]),
                                                       list(zip(top_ids[i, :m].tolist(), top_lp[i, :m].tolist()))))
 
-    def _sample(self, logits_KV: torch.Tensor, samplers: list[tuple[Request, int]]) -> list[TokenEvent]:
+    def _sample(self, logits_KV: torch.Tensor, samplers: list[tuple[Request, int]], best: list[int] | None
+                ) -> list[TokenEvent]:
         if not samplers:
             return []
         reqs = [r for r, _ in samplers]
@@ -292,24 +291,28 @@ class Engine:
         logits_BV = logits_KV if rows == list(range(len(logits_KV))) else logits_KV[rows]  # decode: every row
         B, V = logits_BV.shape
         dev = logits_BV.device
-        keys = None if all(p.greedy for p in params) else torch.tensor(  # noise keys: only a draw reads them
-            [draw_key(r.seed, len(r.output_ids)) for r in reqs], device=dev)
-        seen = counts = suppress = None
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
-            seen = self._token_mask(reqs, lambda r: r.tokens, V, dev).bool()
-            counts = self._token_mask(reqs, lambda r: r.output_ids, V, dev)
         late = [(b, t) for b, r in enumerate(reqs) if len(r.output_ids) < r.params.min_new_tokens
                 for t in r.stops if t < V]
-        if late:
-            suppress = torch.zeros(B, V, dtype=torch.bool, device=dev)
-            suppress[tuple(torch.tensor(late, device=dev).T)] = True
-        tok_B = sample(logits_BV, params, keys, seen, counts, suppress)
+        if best is not None and not late and all(p.greedy and not p.penalised for p in params):
+            tokens = best  # the step's argmax is sample()'s greedy pick: no penalty or suppression changes it
+        else:
+            keys = None if all(p.greedy for p in params) else torch.tensor(  # noise keys: only a draw reads them
+                [draw_key(r.seed, len(r.output_ids)) for r in reqs], device=dev)
+            seen = counts = suppress = None
+            if any(p.penalised for p in params):
+                seen = self._token_mask(reqs, lambda r: r.tokens, V, dev).bool()
+                counts = self._token_mask(reqs, lambda r: r.output_ids, V, dev)
+            if late:
+                suppress = torch.zeros(B, V, dtype=torch.bool, device=dev)
+                suppress[tuple(torch.tensor(late, device=dev).T)] = True
+            tokens = sample(logits_BV, params, keys, seen, counts, suppress).tolist()
         want = [p.logprobs for p in params if p.logprobs is not None]
         if want:
-            lp, top_ids, top_lp = (t.tolist() for t in top_logprobs(logits_BV, tok_B, max(want)))
+            lp, top_ids, top_lp = (t.tolist() for t in top_logprobs(logits_BV, torch.tensor(tokens, device=dev),
+                                                                     max(want)))
         events = []
         first = [not r.output_ids for r in reqs]
-        for b, (r, t) in enumerate(zip(reqs, tok_B.tolist())):
+        for b, (r, t) in enumerate(zip(reqs, tokens)):
             r.output_ids.append(t)
             self.stats.output_tokens += 1
             n = len(r.output_ids)

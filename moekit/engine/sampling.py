@@ -80,6 +80,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether a repetition, presence or frequency penalty applies."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 def apply_penalties(logits_BV: torch.Tensor, params: list[SamplingParams], seen_BV: torch.Tensor,
                     counts_BV: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _unfit(model) -> str | None:
 
 
 class FusedDecoder:
-    """``runner(ids, positions, limit, slots, table, starts, lens, kv)``: logits [N, V] of a pure decode step."""
+    """``runner(ids, positions, slots, tables, lens, kv)``: logits [N, V] of a pure decode step, and their argmax."""
 
     def __init__(self, model, aten: bool):
         self.model, cfg = model, model.config
@@ -109,13 +109,18 @@ class FusedDecoder:
         """Whether a decode step of this many tokens runs fused now (not while routing is recorded)."""
         return num_tokens <= MAX_TOKENS and not self.model.training and all(m.sink is None for m in self.moes)
 
-    def __call__(self, ids_N, positions_N, limit: int, slots_N, table_RM, starts_R1, lens_R, kv) -> torch.Tensor:
-        """One token per request (N = R): ids, positions and slots int64 [N] (``limit``: max position + 1);
-        table, starts, lens int32 as for paged attention; ``kv``: the engine's PagedKVCache."""
+    def __call__(self, ids: list[int], pos: list[int], slots: list[int], table: list[list[int]], lens: list[int],
+                 kv) -> tuple[torch.Tensor, list[int]]:
+        """Logits [N, V] of one token a request (N = R) and each row's argmax (greedy sampling's token, taken
+        while the logits are in cache). ids, positions, pool slots, block tables and lengths (cached tokens
+        with this one) as Python lists; ``kv``: the engine's PagedKVCache."""
         dtype = self.model.embed.weight.dtype
-        seq = lens_R.long()[None] if self.dynamic else None  # decode: a token's sequence is its request's
-        cos, sin = self.model.rotary(positions_N[None], dtype, limit, seq)
-        return self.decoder.step(ids_N, cos[0], sin[0], slots_N, table_RM, starts_R1, lens_R, kv.k_LPGCA, kv.v_LPGCA)
+        if self.dynamic:  # NTK angles depend on each token's sequence: its request's length
+            cos, sin = self.model.rotary(torch.tensor(pos)[None], dtype, max(pos) + 1, torch.tensor(lens)[None])
+            cos, sin, rows = cos[0], sin[0], list(range(len(pos)))
+        else:
+            (cos, sin), rows = self.model.rotary.table(dtype, max(pos) + 1, self.model.embed.weight.device), pos
+        return self.decoder.step(ids, rows, slots, table, lens, cos, sin, kv.k_LPGCA, kv.v_LPGCA)
 
 
 def build(model, aten: bool) -> tuple[FusedDecoder | None, str]:

@@ -79,14 +79,19 @@ class Rotary(nn.Module):
             ang = pos_BT.float()[..., None] * inv
             ang = torch.cat((ang, ang), dim=-1)
             return ang.cos().to(dtype), ang.sin().to(dtype)
-        need = int(pos_BT.max()) + 1 if limit is None else limit
+        cos, sin = self.table(dtype, int(pos_BT.max()) + 1 if limit is None else limit, pos_BT.device)
+        return cos[pos_BT], sin[pos_BT]
+
+    def table(self, dtype: torch.dtype, need: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, A] of positions 0 .. n - 1 for some n >= ``need``, cached (not for dynamic NTK, whose
+        angles depend on the sequence length)."""
         cos, sin = self._table.get(dtype, (None, None))
-        if cos is None or cos.shape[0] < need or cos.device != pos_BT.device:
+        if cos is None or cos.shape[0] < need or cos.device != torch.device(device):
             n = max(need, 2 * (0 if cos is None else cos.shape[0]), 256)
-            cos, sin = self._angles(torch.arange(n, device=pos_BT.device).float(), self.inv_freq.to(pos_BT.device))
+            cos, sin = self._angles(torch.arange(n, device=device).float(), self.inv_freq.to(device))
             cos, sin = cos.to(dtype), sin.to(dtype)
             self._table[dtype] = (cos, sin)
-        return cos[pos_BT], sin[pos_BT]
+        return cos, sin
 
 
 class Attention(nn.Module):

@@ -116,15 +116,16 @@ struct Layer {
   }
 };
 
-// Rotate each token's q heads into q [N, H, A] and its k heads into the pool slot slots[n], copy its v heads there.
+// Rotate each token's q heads into q [N, H, A] and its k heads into the pool slot slots[n], copy its v heads
+// there; token n's cos/sin are row rows[n] of the tables cos, sin [*, A].
 template <typename A>
-void rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& q,
-                A* K, A* V, const int64_t* slots, int64_t H, int64_t G, int64_t Dh, int64_t C) {
+void rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, const int64_t* rows,
+                torch::Tensor& q, A* K, A* V, const int64_t* slots, int64_t H, int64_t G, int64_t Dh, int64_t C) {
   const int64_t N = qkv.size(0), W = (H + 2 * G) * Dh, half = Dh / 2;
   const A *X = (const A*)qkv.data_ptr(), *Cs = (const A*)cos.data_ptr(), *Sn = (const A*)sin.data_ptr();
   A* Q = (A*)q.data_ptr();
   for (int64_t n = 0; n < N; ++n) {
-    const A *row = X + n * W, *c = Cs + n * Dh, *s = Sn + n * Dh;
+    const A *row = X + n * W, *c = Cs + rows[n] * Dh, *s = Sn + rows[n] * Dh;
     for (int64_t h = 0; h < H; ++h) rope_row(row + h * Dh, c, s, Q + (n * H + h) * Dh, half);
     const int64_t blk = slots[n] / C, off = slots[n] % C;
     for (int64_t g = 0; g < G; ++g) {
@@ -133,6 +134,64 @@ void rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch:
       std::memcpy(V + at, row + (H + G + g) * Dh, Dh * sizeof(A));
     }
   }
+}
+
+// The index of x's first maximum over V values, a NaN counting as the maximum (torch.argmax), read as float.
+template <typename A>
+int64_t argmax_row(const A* x, int64_t V) {
+  float best = -INFINITY;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= V; i += 16) {
+    const __m512 v = load16(x + i);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;  // a NaN among these: the loop below finds the first
+    m = _mm512_max_ps(m, v);
+  }
+  best = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < V; ++i) {
+    const float v = to_f<A>(x[i]);
+    if (std::isnan(v)) return i;
+    best = std::max(best, v);
+  }
+  for (i = 0; i < V; ++i)  // the first value equal to the maximum (-0 equals +0, as torch compares)
+    if (to_f<A>(x[i]) == best) return i;
+  return 0;
+}
+
+// Each row's argmax of logits [N, V].
+std::vector<int64_t> argmax_rows(const torch::Tensor& logits) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  std::vector<int64_t> out(N);
+  for (int64_t n = 0; n < N; ++n)
+    out[n] = is_bf16(logits) ? argmax_row((const bf16*)logits.data_ptr() + n * V, V)
+                             : argmax_row(logits.data_ptr<float>() + n * V, V);
+  return out;
+}
+
+// A list of lists (a step's block tables) as a contiguous int32 tensor [R, M] padded with block 0.
+torch::Tensor int32_table(const std::vector<std::vector<int64_t>>& rows) {
+  size_t M = 1;
+  for (const auto& r : rows) M = std::max(M, r.size());
+  torch::Tensor t = torch::zeros({(int64_t)rows.size(), (int64_t)M}, torch::kInt32);
+  int32_t* p = t.data_ptr<int32_t>();
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (size_t j = 0; j < rows[i].size(); ++j) {
+      check(rows[i][j] >= 0 && rows[i][j] < INT32_MAX, "decoder: block table entries must be int32 indices");
+      p[i * M + j] = (int32_t)rows[i][j];
+    }
+  return t;
+}
+
+torch::Tensor int32_vector(const std::vector<int64_t>& v) {
+  torch::Tensor t = torch::empty({(int64_t)v.size()}, torch::kInt32);
+  int32_t* p = t.data_ptr<int32_t>();
+  for (size_t i = 0; i < v.size(); ++i) {
+    check(v[i] >= 0 && v[i] < INT32_MAX, "decoder: request lengths must be int32");
+    p[i] = (int32_t)v[i];
+  }
+  return t;
 }
 
 }  // namespace
@@ -147,41 +206,52 @@ class Decoder {
     check(embed.dim() == 2 && Dh % 16 == 0 && H % G == 0, "decoder: embedding [V, D], head width a multiple of 16");
   }
 
-  // Logits [N, V] of one step's tokens ids [N] at RoPE cos/sin [N, A] (already gathered for their positions),
-  // their keys/values stored at slots [N] (block * C + offset) of the pools k, v [L, P, G, C, A]; table [R, M],
-  // starts [R + 1], lens [R] (int32) as for paged_attention.
-  torch::Tensor step(const torch::Tensor& ids, const torch::Tensor& cos, const torch::Tensor& sin,
-                     const torch::Tensor& slots, const torch::Tensor& table, const torch::Tensor& starts,
-                     const torch::Tensor& lens, const torch::Tensor& kpool, const torch::Tensor& vpool) const {
-    const int64_t N = ids.size(0), L = layers_.size();
-    check(ids.dim() == 1 && ids.scalar_type() == torch::kLong && slots.scalar_type() == torch::kLong &&
-              slots.is_contiguous() && slots.numel() == N, "decoder: ids and slots must be int64 [N]");
-    check(cos.dim() == 2 && cos.size(0) == N && cos.size(1) == Dh && cos.is_contiguous() && sin.is_contiguous() &&
+  // Logits [N, V] of one decode step (one new token per request) and each row's argmax: token ids [N], their
+  // keys/values stored at slots [N] (block * C + offset) of the pools k, v [L, P, G, C, A], RoPE from rows
+  // rope_rows [N] of the tables cos, sin [*, A] (the positions, or 0..N-1 for per-token tables); each
+  // request's block table and length (its cached tokens with this one). Python lists, not tensors: the step's
+  // Python side is then a few microseconds, where building six small tensors took some 40.
+  std::pair<torch::Tensor, std::vector<int64_t>> step(
+      const std::vector<int64_t>& ids, const std::vector<int64_t>& rope_rows, const std::vector<int64_t>& slots,
+      const std::vector<std::vector<int64_t>>& tables, const std::vector<int64_t>& lens, const torch::Tensor& cos,
+      const torch::Tensor& sin, const torch::Tensor& kpool, const torch::Tensor& vpool) const {
+    const int64_t N = ids.size(), L = layers_.size();
+    check(N > 0 && rope_rows.size() == ids.size() && slots.size() == ids.size() && tables.size() == ids.size() &&
+              lens.size() == ids.size(), "decoder: ids, rope_rows, slots, tables and lens must have one entry a token");
+    check(cos.dim() == 2 && cos.size(1) == Dh && cos.is_contiguous() && sin.is_contiguous() &&
               sin.sizes() == cos.sizes() && cos.scalar_type() == embed.scalar_type() &&
-              sin.scalar_type() == embed.scalar_type(), "decoder: cos/sin must be [N, A] in the model's dtype");
+              sin.scalar_type() == embed.scalar_type(), "decoder: cos/sin must be [*, A] in the model's dtype");
     check(kpool.dim() == 5 && kpool.size(0) == L && kpool.size(2) == G && kpool.size(4) == Dh &&
               kpool.is_contiguous() && vpool.is_contiguous() && vpool.sizes() == kpool.sizes() &&
               kpool.scalar_type() == embed.scalar_type() && vpool.scalar_type() == embed.scalar_type(),
           "decoder: k/v pools must be contiguous [L, P, G, C, A] in the model's dtype");
     const int64_t P = kpool.size(1), C = kpool.size(3);
-    const int64_t* sl = slots.data_ptr<int64_t>();
-    for (int64_t n = 0; n < N; ++n) check(sl[n] >= 0 && sl[n] < P * C, "decoder: a slot outside the pool");
+    for (int64_t n = 0; n < N; ++n) {
+      check(slots[n] >= 0 && slots[n] < P * C, "decoder: a slot outside the pool");
+      check(rope_rows[n] >= 0 && rope_rows[n] < cos.size(0), "decoder: a RoPE row outside the cos/sin tables");
+      check(ids[n] >= 0 && ids[n] < embed.size(0), "decoder: a token id outside the vocabulary");
+    }
+    const torch::Tensor table = int32_table(tables), lens_t = int32_vector(lens);
+    const torch::Tensor starts = torch::arange(N + 1, torch::kInt32);  // one new token a request
     const double att_scale = std::pow((double)Dh, -0.5);
-    torch::Tensor x = at::embedding(embed, ids);
+    torch::Tensor x = at::embedding(embed, torch::from_blob((void*)ids.data(), {N}, torch::kLong));
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers_[l];
       torch::Tensor qkv = lin(ly.attn_norm(x), ly.qkv, ly.bqkv);
       torch::Tensor q = torch::empty({N, H, Dh}, x.options());
       torch::Tensor kl = kpool.select(0, l), vl = vpool.select(0, l);
       if (is_bf16(x))
-        rope_store<bf16>(qkv, cos, sin, q, (bf16*)kl.data_ptr(), (bf16*)vl.data_ptr(), sl, H, G, Dh, C);
+        rope_store<bf16>(qkv, cos, sin, rope_rows.data(), q, (bf16*)kl.data_ptr(), (bf16*)vl.data_ptr(),
+                         slots.data(), H, G, Dh, C);
       else
-        rope_store<float>(qkv, cos, sin, q, (float*)kl.data_ptr(), (float*)vl.data_ptr(), sl, H, G, Dh, C);
-      torch::Tensor att = moekit::paged_attention(q, kl, vl, table, starts, lens, att_scale);
+        rope_store<float>(qkv, cos, sin, rope_rows.data(), q, (float*)kl.data_ptr(), (float*)vl.data_ptr(),
+                          slots.data(), H, G, Dh, C);
+      torch::Tensor att = moekit::paged_attention(q, kl, vl, table, starts, lens_t, att_scale);
       x = x + lin(att.view({N, H * Dh}), ly.o);
       x = x + ly.ffn(ly.ffn_norm(x), aten);
     }
-    return lin(final_norm(x), head);
+    torch::Tensor logits = lin(final_norm(x), head);
+    return {logits, argmax_rows(logits)};  // while the logits are in cache: greedy sampling's token
   }
 
   int64_t num_layers() const { return layers_.size(); }
@@ -198,8 +268,8 @@ class Decoder {
 void bind_decoder(py::module_& m) {
   py::class_<Decoder>(m, "Decoder", "a whole decoder's paged-cache forward pass in one call (cpu_decode.py)")
       .def(py::init<const py::list&, const py::dict&>(), py::arg("layers"), py::arg("top"))
-      .def("step", &Decoder::step, py::arg("ids"), py::arg("cos"), py::arg("sin"), py::arg("slots"), py::arg("table"),
-           py::arg("starts"), py::arg("lens"), py::arg("k"), py::arg("v"))
+      .def("step", &Decoder::step, py::arg("ids"), py::arg("rope_rows"), py::arg("slots"), py::arg("tables"),
+           py::arg("lens"), py::arg("cos"), py::arg("sin"), py::arg("k"), py::arg("v"))
       .def_property_readonly("num_layers", &Decoder::num_layers);
 }
 
