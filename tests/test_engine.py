@@ -4,12 +4,27 @@ import pytest
 import torch
 
 import moekit
-from moekit.engine import Engine, SamplingParams
+from moekit.engine import Engine, KVCache, SamplingParams
 from tests.conftest import CASE_IDS
 
 
 def naive_greedy(model, prompt, n):
-    """Recompute the whole sequence every step, no cache: the definition the engine must match."""
+    """Recompute the whole sequence every step, no cache: the definition the engine must match.
+
+    Under dynamic-NTK RoPE past the trained context that definition is a cached one: each forward
+    rotates its new keys with the base of the sequence length so far, and cached keys keep theirs (as
+    transformers does with a cache), where a full recompute re-rotates every key with the latest base.
+    The model's own forward over a contiguous KVCache, a token a call, is then the reference."""
+    scaling = model.config.rope_scaling
+    if scaling is not None and scaling.kind == "dynamic" and len(prompt) + n > model.config.max_position_embeddings:
+        cache = KVCache(model.config, 1, len(prompt) + n, model.embed.weight.dtype)
+        out = []
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt]), cache=cache)
+            for _ in range(n):
+                out.append(int(logits[0, -1].argmax()))
+                logits = model(torch.tensor([[out[-1]]]), cache=cache)
+        return out
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
