@@ -209,8 +209,9 @@ class Decoder {
   // Logits [N, V] of one decode step (one new token per request) and each row's argmax: token ids [N], their
   // keys/values stored at slots [N] (block * C + offset) of the pools k, v [L, P, G, C, A], RoPE from rows
   // rope_rows [N] of the tables cos, sin [*, A] (the positions, or 0..N-1 for per-token tables); each
-  // request's block table and length (its cached tokens with this one). Python lists, not tensors: the step's
-  // Python side is then a few microseconds, where building six small tensors took some 40.
+  // request's block table and length (its cached tokens with this one). Python lists, not tensors: with the
+  // argmax returned here, an int4 Mixtral-shaped batch-1 step spends 0.13-0.15 ms outside this call, where
+  // building six small tensors, gathering RoPE rows and sampling in Python took about 0.27 (AMD EPYC).
   std::pair<torch::Tensor, std::vector<int64_t>> step(
       const std::vector<int64_t>& ids, const std::vector<int64_t>& rope_rows, const std::vector<int64_t>& slots,
       const std::vector<std::vector<int64_t>>& tables, const std::vector<int64_t>& lens, const torch::Tensor& cos,
