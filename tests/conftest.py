@@ -30,14 +30,15 @@ CASE_IDS = [c[0] for c in CASES]
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """{case id: (folder, hf config, float32 state dict)}, built lazily once per session."""
+    """{case id: (folder, hf config, float32 state dict)}, built lazily once per session; each case's weights
+    come from its own seed, so a test sees the same weights run alone or in any order."""
     built = {}
 
     def get(case_id):
         if case_id not in built:
             _, family, variant = next(c for c in CASES if c[0] == case_id)
             folder = tmp_path_factory.mktemp(case_id)
-            cfg, sd = make_checkpoint(family, folder, seed=len(built) + 1, **variant)
+            cfg, sd = make_checkpoint(family, folder, seed=CASE_IDS.index(case_id) + 1, **variant)  # whatever the order
             built[case_id] = (folder, cfg, sd)
         return built[case_id]
 
