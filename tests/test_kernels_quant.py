@@ -183,6 +183,25 @@ def test_decode_schedules_agree_bit_for_bit(fmt, group, dtype, T, E, K, F, share
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("fmt, group", FORMATS)
+@pytest.mark.parametrize("T, N", [(1, 1000), (2, 1000), (5, 130), (1, 37)])
+def test_decode_linear_same_bits_on_one_and_two_threads(fmt, group, T, N, kern, monkeypatch):
+    """A few-token linear splits its rows into one part a thread (linear.cpp); the engine moves between one
+    and two threads with the machine's load, so the split must not change a bit."""
+    K = {None: 1000, 32: 736, 64: 704, 128: 768}[group]
+    w, x = quant((N, K), fmt, group), torch.randn(T, K, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        with no_fallback(monkeypatch):
+            torch.set_num_threads(1)
+            one = kern.linear(x, w)
+            torch.set_num_threads(2)
+            two = kern.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
 def test_mixed_plain_and_quantised_experts(kern, monkeypatch):
     """quantize leaves a matrix whose width does not end on a group plain: here w13 int4, w2 bf16."""
     x = torch.randn(4, 128, generator=g).bfloat16()
