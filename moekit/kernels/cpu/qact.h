@@ -18,8 +18,9 @@ struct QMat {
   int64_t N = 0, K = 0, group = 0;
   bool int4 = false;
   const uint8_t* stream_end = nullptr;  // where this thread's rows end: prefetch no further (null: anywhere)
+  int64_t groups = 0;                   // K / group, stored: the kernels read it per row block
   explicit operator bool() const { return data != nullptr; }
-  int64_t G() const { return K / group; }
+  int64_t G() const { return groups; }
   int64_t row_bytes() const { return int4 ? K / 2 : K; }
   const uint8_t* row(int64_t r) const { return data + r * row_bytes(); }
   const uint16_t* srow(int64_t r) const { return scale + r * G(); }
@@ -126,7 +127,7 @@ inline int64_t region_quads(const QMat& W, int64_t r0, int64_t r1, Quad&& quad) 
 // with the factor its sum takes (a per-channel scale, else 1); four blocks (rows o .. o + 3 of every
 // region) share one horizontal reduction. Returns the first row not done.
 template <typename Block>
-inline int64_t one_token_rows(const QMat& W, int64_t r0, int64_t r1, float* Y, Block&& block) {
+__attribute__((flatten)) inline int64_t one_token_rows(const QMat& W, int64_t r0, int64_t r1, float* Y, Block&& block) {
   const int64_t Q = regions(W, r0, r1);
   for (int64_t o = 0; o < Q; o += 4) {
     const int64_t pf = region_pf(W, o + 4, Q);

@@ -84,10 +84,11 @@ inline void qacc(const QMat& W, int64_t r, const QScales& s, const QAct& a, int6
   if (whole < a.C) qchunk<TB, RR, SC>(acc, rp, rb, sp, gi, G, x, whole, false, pf);
 }
 
-// out[t * ldo + i * rs] += row r + i * rs of W . token t0 + t, for RR rows and TB tokens.
+// out[t * ldo + i * rs] += row r + i * rs of W . token t0 + t, for RR rows and TB tokens. Flattened: with
+// reduce16 called out of line here, int8 GEMVs of 2-8 tokens ran 4-7% slower (in-process A/B, EPYC Zen 4).
 template <int TB, int RR, int SC>
-inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0, float* out, int64_t ldo,
-                       int64_t pf, int64_t rs) {
+__attribute__((flatten)) inline void qdot_block(const QMat& W, int64_t r, const QScales& s, const QAct& a, int64_t t0,
+                                                float* out, int64_t ldo, int64_t pf, int64_t rs) {
   __m512 acc[TB][RR];
   qacc<TB, RR, SC>(W, r, s, a, t0, acc, pf, rs);
   __m512 v[16];
@@ -250,7 +251,7 @@ inline QMat qmat(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) 
   check(G > 0 && K % G == 0 && w.size(-1) == (int4 ? K / 2 : K) && scale.size(-2) == N, "quantised weight shapes");
   const int64_t group = K / G;
   check(int4 ? group % 32 == 0 : (group == K || group % 32 == 0), "quantised weights: group size");
-  return QMat{(const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), N, K, group, int4};
+  return QMat{(const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), N, K, group, int4, nullptr, G};
 }
 
 }  // namespace moekit
