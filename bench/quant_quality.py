@@ -1,7 +1,8 @@
 """Held-out perplexity at bfloat16, int8 and int4 weights (issue 18, item 3; docs/quantization.md).
 
     python bench/quant_quality.py --model moekit/assets/default --data recipes/embedded/data/kjv.txt \
-        recipes/embedded/data/en.txt recipes/embedded/data/zh.txt --out bench/results/DATE/quant_quality_embedded.json
+        recipes/embedded/data/en.txt recipes/embedded/data/zh.txt --separator '\n%\n' \
+        --out bench/results/DATE/quant_quality_embedded.json
     python bench/quant_quality.py --model runs/kjv/model --tokenizer recipes/kjv/data/tokenizer \
         --data recipes/kjv/data/kjv.txt --separator '\n\n' --out bench/results/DATE/quant_quality_kjv.json
 
@@ -10,6 +11,11 @@ the rule training used with ``heldout: 0.02``) is scored whole, BOS to EOS, in w
 ``--window`` tokens (moekit.models.loss.window_nll). The same weights are loaded once per
 variant: the checkpoint in bfloat16, then quantised at load time (int8 per output channel,
 int4 with groups of 32 / 64 / 128); the computation runs in bfloat16 on the chosen kernels.
+
+``--decode`` scores the same tokens one at a time through a KV cache (each window from an empty
+cache), so that on ``--kernels cpu`` the decode kernels produce every logit: with fewer than 16
+tokens they quantise the activations to int8 as well (docs/quantization.md, "Kernels"), which the
+window pass (dequantised weight tiles) and the reference kernels do not.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moekit  # noqa: E402
+from moekit.engine.kv_cache import KVCache  # noqa: E402
 from moekit.machine import cpu_info  # noqa: E402
 from moekit.models.loss import window_nll  # noqa: E402
 from moekit.train.data import is_heldout  # noqa: E402
@@ -43,12 +50,23 @@ def heldout_rows(tok, files: list[Path], separator: str, fraction: float) -> lis
     return rows
 
 
+def decode_nll(model, ids: list[int]) -> tuple[float, int]:
+    """Summed next-token NLL of ids[1:], each logit from a one-token step through a KV cache."""
+    cache = KVCache(model.config, 1, len(ids), model.embed.weight.dtype)
+    total = 0.0
+    for i in range(len(ids) - 1):
+        logits = model(torch.tensor([[ids[i]]]), cache=cache)[0, -1].float()
+        total -= float(torch.log_softmax(logits, -1)[ids[i + 1]])
+    return total, len(ids) - 1
+
+
 @torch.no_grad()
-def mean_loss(model, rows: list[list[int]], window: int) -> tuple[float, int]:
+def mean_loss(model, rows: list[list[int]], window: int, decode: bool = False) -> tuple[float, int]:
     total, count = 0.0, 0
     for ids in rows:
         for s in range(0, len(ids) - 1, window):
-            nll, n = window_nll(model, torch.tensor(ids[s:s + window + 1])[None])
+            part = ids[s:s + window + 1]
+            nll, n = decode_nll(model, part) if decode else window_nll(model, torch.tensor(part)[None])
             total, count = total + float(nll), count + int(n)
     return total / count, count
 
@@ -63,6 +81,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--kernels", default="reference")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--decode", action="store_true", help="score token by token through a KV cache (decode kernels)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tok = moekit.Tokenizer.from_pretrained(args.tokenizer or args.model)
@@ -74,14 +93,15 @@ def main() -> None:
         t0 = time.perf_counter()
         model = moekit.load(args.model, dtype=torch.bfloat16, kernels=args.kernels,
                             quantize=q and q[0], group=q and q[1]).eval()
-        loss, n = mean_loss(model, rows, args.window)
+        loss, n = mean_loss(model, rows, args.window, args.decode)
         size = sum(b.numel() * b.element_size() for b in (*model.parameters(), *model.buffers()))
         results[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "weight_bytes": size}
         base = results.get("bf16", results[name])["ppl"]
         print(f"{name:10s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  ({100 * (math.exp(loss) / base - 1):+.2f}% "
               f"vs bf16)  weights {size / 2**20:.1f} MiB  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
     report = {"date": str(date.today()), "cpu": cpu_info().get("model", platform.processor()), "model": str(args.model),
-              "data": [str(d) for d in args.data], "window": args.window, "kernels": args.kernels, "results": results}
+              "data": [str(d) for d in args.data], "window": args.window, "kernels": args.kernels,
+              "decode": args.decode, "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

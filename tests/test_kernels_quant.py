@@ -3,7 +3,8 @@ on dequantised weights (QuantWeight.dequantize is the spec).
 
 Tolerances. With many tokens the kernels dequantise weight tiles to exactly the reference's values,
 so they meet the bf16 path's bounds (``TOL``). With few tokens (decode) they also quantise the
-activations to int8 per 32-column block (round to nearest, scale max|x| / 127, llama.cpp's Q8_0):
+activations to int8 per 32-column block (round to nearest, scale max|x| / 127, llama.cpp's Q8_0;
+per 256-column block against per-channel int8 weights, as llama.cpp's Q8_K against its K-quants):
 each input carries a relative error of about 0.3-0.5% (rms), so a linear layer is held to 1% of
 the output's norm, and an MLP or MoE layer, whose SwiGLU activation is quantised a second time and
 is heavy-tailed, to 2.5% (measured: 1.0-1.5%). A float32 emulation of that quantisation checks the
@@ -66,10 +67,15 @@ def quant(shape, fmt, group, scale=0.1):
     return QuantWeight.quantize(torch.randn(*shape, generator=g) * scale, fmt, group)
 
 
-def q8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """The activations as the decode kernels see them: int8 per 32-column block, back in float64."""
+def act_block(fmt: str, group) -> int:
+    """The decode kernels' activation block: 256 columns against per-channel int8 weights, else 32."""
+    return 256 if fmt == "int8" and group is None else 32
+
+
+def q8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """The activations as the decode kernels see them: int8 per block of columns, back in float64."""
     T, K = x.shape
-    xb = torch.nn.functional.pad(x.float(), (0, -K % 32)).view(T, -1, 32)
+    xb = torch.nn.functional.pad(x.float(), (0, -K % block)).view(T, -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)  # a true division, as the kernel's
     q = torch.round(xb * inv)  # to nearest even
@@ -101,8 +107,21 @@ def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, long,
     x[0, :40] = 0  # an all-zero block
     with no_fallback(monkeypatch):
         got = kern.linear(x, w)
-    want = torch.nn.functional.linear(q8_blocks(x), w.dequantize(torch.float64))
+    want = torch.nn.functional.linear(q8_blocks(x, act_block(fmt, group)), w.dequantize(torch.float64))
     assert rel_max(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 2, 8, 9])  # 8 and more: the 4-token blocks
+@pytest.mark.parametrize("K", [448, 512, 1000])  # a last block of 3 whole chunks; none; of 4, the last partial
+def test_per_channel_decode_blocks_of_256(T, K, kern, monkeypatch):
+    # the int32 sums of a 256-column block's chunks take one conversion and one scale, whatever the tail
+    w, x = quant((70, K), "int8", None), torch.randn(T, K, generator=g) * 3
+    x[-1, 256:300] *= 50  # one block's scale far above the others'
+    with no_fallback(monkeypatch):
+        got = kern.linear(x, w)
+    want = torch.nn.functional.linear(q8_blocks(x, 256), w.dequantize(torch.float64))
+    assert rel_max(got, want) < 1e-5
+    assert rel_max(got, torch.nn.functional.linear(q8_blocks(x, 32), w.dequantize(torch.float64))) > 1e-4
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS[:3] + FORMATS[4:])

@@ -85,7 +85,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     out[j].assign(n * D, 0.f);
     for (int64_t i = 0; i < n; ++i) std::memcpy(job.x.data() + i * D, X + job.tok[i] * D, D * sizeof(A));
 #if defined(__AVX512VNNI__)
-    if (job.q13 && qdecode(n)) quantize_act<A>(job.x.data(), n, D, D, job.q13.int4, job.qx);
+    if (job.q13 && qdecode(n)) quantize_act<A>(job.x.data(), n, D, D, job.q13, job.qx);
 #endif
     if (aten && n >= VNNI_MIN_TOKENS) {
       big[j] = 1;
@@ -157,7 +157,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   at::parallel_for(0, todo.size(), elements < (1 << 16) ? todo.size() : 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       auto& job = jobs[todo[i]];
-      quantize_act<A>(job.act.data(), job.tok.size(), job.F, job.F, job.q2.int4, job.qact);
+      quantize_act<A>(job.act.data(), job.tok.size(), job.F, job.F, job.q2, job.qact);
     }
   });
 #endif

@@ -55,7 +55,7 @@ torch::Tensor qlinear_impl(const torch::Tensor& x, const QMat& W, const c10::opt
 #if defined(__AVX512VNNI__)
   if (qdecode(T)) {
     QAct a;
-    quantize_act<A>(X, T, K, K, W.int4, a);
+    quantize_act<A>(X, T, K, K, W, a);
     thread_parts(blocks, [&](int64_t b0, int64_t b1) {
       QScales blk;
       const int64_t r0 = b0 * BLOCK, r1 = std::min(N, b1 * BLOCK);

@@ -128,7 +128,7 @@ void expert_stream(Job<A>& job, int64_t D, std::vector<float>& out) {
     swiglu_row<A>(gu.data() + i * 2 * F, gu.data() + i * 2 * F + F, F, job.act.data() + i * F);
 #if defined(__AVX512VNNI__)
   if (job.q2) {
-    quantize_act<A>(job.act.data(), n, F, F, job.q2.int4, job.qact);
+    quantize_act<A>(job.act.data(), n, F, F, job.q2, job.qact);
     qgemv_rows(stream(job.q2, 0, D), 0, D, job.qact, out.data(), D, blk);
     return;
   }

@@ -34,19 +34,25 @@ struct QMat {
   bool per_channel() const { return !int4 && group == K; }
 };
 
-// Activations quantised for one matrix: per token and 32-column block, q = round(x * (127 / max|x|))
-// (to nearest even) with scale d = max|x| / 127, stored in the order of the weight bytes:
+// Activations quantised for one matrix: per token and block of columns, q = round(x * (127 / max|x|))
+// (to nearest even) with scale d = max|x| / 127. Blocks of 32 columns (llama.cpp's Q8_0) against int4 and
+// grouped int8 weights; of 256 (as llama.cpp's Q8_K) against per-channel int8 weights, whose rows have no
+// scale inside them, so a block's four 64-column chunks sum in int32 and take one conversion and one fma
+// (1.25 FMA-pipe operations a chunk and token instead of 2). Stored in the order of the weight bytes:
 // - int8: 64-column chunks, columns in order;
 // - int4: 128-column chunks (four Q4_0 blocks, 64 weight bytes): 64 bytes for the low nibbles (columns
 //   0-15 of each block), then 64 for the high ones (16-31), so int32 lane 4j + m of both belongs to block j.
-// `bias` starts each chunk's int32 sums at -offset * sum(q) of its blocks, which takes the weights'
-// unsigned offset (128 for int8, 8 for int4) out of the dot products; `dx` holds each int32 lane's block scale.
+// `bias` starts the int32 sums of a 64-column chunk (a 256-column block) at -offset * sum(q) of its blocks,
+// which takes the weights' unsigned offset (128 for int8, 8 for int4) out of the dot products; `dx` holds
+// each int32 lane's block scale.
 struct QAct {
   int64_t T = 0, K = 0, C = 0;  // C chunks per token (64 columns for int8, 128 for int4)
+  int64_t U = 0;                // scale units per token: C, or 256-column blocks (block 256)
+  int64_t block = 32;           // activation block width: 32 or 256
   bool int4 = false;
   std::vector<int8_t> q;      // [T, C, 64] (int8) or [T, C, 2, 64] (int4), zero past K
-  std::vector<float> dx;      // [T, C, 16]
-  std::vector<int32_t> bias;  // [T, C, 16]
+  std::vector<float> dx;      // [T, U, 16]
+  std::vector<int32_t> bias;  // [T, U, 16]
   std::vector<float> db;      // int4: [T, C, 4], each block's scale
   int64_t chunk_bytes() const { return int4 ? 128 : 64; }
 };
@@ -58,10 +64,10 @@ struct ActView {
   const int32_t* bias;
   const float* dx;
   const float* db;
-  int64_t C;  // chunks per token
+  int64_t C, U;  // chunks and scale units per token
   ActView(const QAct& a, int64_t t0)
-      : q(a.q.data() + t0 * a.C * a.chunk_bytes()), bias(a.bias.data() + t0 * a.C * 16),
-        dx(a.dx.data() + t0 * a.C * 16), db(a.int4 ? a.db.data() + t0 * a.C * 4 : nullptr), C(a.C) {}
+      : q(a.q.data() + t0 * a.C * a.chunk_bytes()), bias(a.bias.data() + t0 * a.U * 16),
+        dx(a.dx.data() + t0 * a.U * 16), db(a.int4 ? a.db.data() + t0 * a.C * 4 : nullptr), C(a.C), U(a.U) {}
 };
 
 // Software prefetch distance (bytes ahead of each row pointer, into L2): 16 rows of the matrix, within
@@ -164,31 +170,48 @@ inline __m512 load16_masked(const A* p, __mmask16 m) {
   else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-// Rows of X [T, K] (row stride ldx) quantised as above for an int4 (or int8) weight.
+// Rows of X [T, K] (row stride ldx) quantised as above for the weight W (int4, or int8 grouped or per channel).
 template <typename A>
-void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, bool int4, QAct& a) {
+void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, const QMat& W, QAct& a) {
+  const bool int4 = W.int4;
   const int64_t span = int4 ? 128 : 64;
   a.T = T, a.K = K, a.C = (K + span - 1) / span, a.int4 = int4;
+  a.block = W.per_channel() ? 256 : 32;
+  a.U = a.block == 256 ? (K + 255) / 256 : a.C;
   a.q.assign(T * a.C * 64 * (int4 ? 2 : 1), 0);
-  a.dx.assign(T * a.C * 16, 0.f);
-  a.bias.assign(T * a.C * 16, 0);
+  a.dx.assign(T * a.U * 16, 0.f);
+  a.bias.assign(T * a.U * 16, 0);
   a.db.assign(int4 ? T * a.C * 4 : 0, 0.f);
+  const auto mask = [](int64_t n) { return (__mmask16)(n >= 16 ? 0xffff : n <= 0 ? 0 : (1u << n) - 1); };
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
-      const int64_t n = std::min<int64_t>(32, K - k0), j = k0 % span / 32, at = t * a.C + k0 / span;
-      const __mmask16 m0 = (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1);
-      const __mmask16 m1 = (__mmask16)(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1);
-      const __m512 v0 = load16_masked(X + t * ldx + k0, m0), v1 = load16_masked(X + t * ldx + k0 + 16, m1);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    for (int64_t k0 = 0; k0 < K; k0 += a.block) {
+      const A* x = X + t * ldx + k0;
+      const int64_t n = std::min<int64_t>(a.block, K - k0);
+      __m512 m = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16_masked(x + j, mask(n - j))));
+      const float amax = _mm512_reduce_max_ps(m);
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-      int8_t* dst = a.q.data() + at * a.chunk_bytes();
-      _mm_storeu_si128((__m128i*)(dst + (int4 ? 16 * j : 32 * j)), _mm512_cvtsepi32_epi8(q0));
-      _mm_storeu_si128((__m128i*)(dst + (int4 ? 64 + 16 * j : 32 * j + 16)), _mm512_cvtsepi32_epi8(q1));
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t j = 0; j < n; j += 16) {  // 16 columns at a time: k0 + j lies in one 32-column block
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16_masked(x + j, mask(n - j)), inv));
+        sum = _mm512_add_epi32(sum, q);
+        const int64_t k = k0 + j, at = t * a.C + k / span, jb = k % span / 32, hi = k % 32 / 16;
+        int8_t* dst = a.q.data() + at * a.chunk_bytes() + (int4 ? 64 * hi + 16 * jb : k % 64);
+        _mm_storeu_si128((__m128i*)dst, _mm512_cvtsepi32_epi8(q));
+      }
+      const float d = amax / 127.f;
+      const int32_t b = -(int4 ? 8 : 128) * _mm512_reduce_add_epi32(sum);
+      if (a.block == 256) {
+        const int64_t u = t * a.U + k0 / 256;
+        std::fill_n(a.dx.data() + u * 16, 16, d);
+        a.bias[u * 16] = b;
+        continue;
+      }
+      const int64_t at = t * a.C + k0 / span, j = k0 % span / 32;
       const int64_t lane = at * 16 + (int4 ? 4 : 8) * j;  // int32 lanes of this block: 4 (int4) or 8 in a row
-      std::fill_n(a.dx.data() + lane, int4 ? 4 : 8, amax / 127.f);
-      a.bias[lane] = -(int4 ? 8 : 128) * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-      if (int4) a.db[t * a.C * 4 + k0 / 32] = amax / 127.f;
+      std::fill_n(a.dx.data() + lane, int4 ? 4 : 8, d);
+      a.bias[lane] = b;
+      if (int4) a.db[t * a.C * 4 + k0 / 32] = d;
     }
 }
 #endif
