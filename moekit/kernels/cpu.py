@@ -12,8 +12,9 @@ The extension is compiled once per machine with the system compiler
 - attention (contiguous or paged KV cache), RMSNorm, RoPE and routing on moekit's kernels;
 - int8 / int4 weights (:class:`QuantWeight`, any token count) on moekit's low-bit kernels
   (``cpu/qgemm.h``): with few tokens the activations are quantised to int8 in 32-column blocks
-  (llama.cpp's Q8_0) and AVX-512 VNNI dot products stream the weight bytes; with many, weight tiles
-  are dequantised to bf16 (exactly the reference's weights) for the packed microkernel.
+  (llama.cpp's Q8_0; 256 against per-channel int8, as its Q8_K) and AVX-512 VNNI dot products stream
+  the weight bytes; with many, weight tiles are dequantised to bf16 (exactly the reference's
+  weights) for the packed microkernel.
 
 A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
 PyTorch reference, which is also their oracle in tests, and says so once (a warning).

@@ -1,9 +1,10 @@
 // Low-bit weights (moekit/kernels/weights.py: int8 or int4 values with float16 group scales) x tokens.
 // - Few tokens (decode): the activations are quantised once per call to int8 in 32-column blocks
-//   (llama.cpp's Q8_0, qact.h), then vpdpbusd multiplies unsigned weight bytes (int8 q + 128 here, int4
-//   q + 8 as stored: qgemm4.h) by the signed activations; the offset is taken out through the
-//   accumulator's start value, and the block and weight scales are applied in float. Each weight byte
-//   is read once, with rows 16 ahead prefetched, so decode runs near memory speed.
+//   (llama.cpp's Q8_0, qact.h; 256 against per-channel int8, its Q8_K), then vpdpbusd multiplies
+//   unsigned weight bytes (int8 q + 128 here, int4 q + 8 as stored: qgemm4.h) by the signed
+//   activations; the offset is taken out through the accumulator's start value, and the block and
+//   weight scales are applied in float. Each weight byte is read once, with rows 16 ahead
+//   prefetched, so decode runs near memory speed.
 // - Many tokens (prefill): 32-row weight tiles are dequantised to the activation dtype, exactly the
 //   reference's q * scale rounded to bf16, and fed to gemm.h's kernels (the packed bf16 microkernel).
 //
