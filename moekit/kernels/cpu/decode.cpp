@@ -269,7 +269,8 @@ class Decoder {
 void bind_decoder(py::module_& m) {
   // module_local: two builds of this extension (say, before and after a kernel change) load side by side in one
   // process, for in-process A/B timing
-  py::class_<Decoder>(m, "Decoder", py::module_local(), "a whole decoder's paged-cache forward pass in one call (cpu_decode.py)")
+  py::class_<Decoder>(m, "Decoder", py::module_local(),
+                      "a whole decoder's paged-cache forward pass in one call (cpu_decode.py)")
       .def(py::init<const py::list&, const py::dict&>(), py::arg("layers"), py::arg("top"))
       .def("step", &Decoder::step, py::arg("ids"), py::arg("rope_rows"), py::arg("slots"), py::arg("tables"),
            py::arg("lens"), py::arg("cos"), py::arg("sin"), py::arg("k"), py::arg("v"))

@@ -47,8 +47,7 @@ struct QMat {
 // each int32 lane's block scale.
 struct QAct {
   int64_t T = 0, K = 0, C = 0;  // C chunks per token (64 columns for int8, 128 for int4)
-  int64_t U = 0;                // scale units per token: C, or 256-column blocks (block 256)
-  int64_t block = 32;           // activation block width: 32 or 256
+  int64_t U = 0;                // scale units per token: C, or 256-column blocks (per-channel int8)
   bool int4 = false;
   std::vector<int8_t> q;      // [T, C, 64] (int8) or [T, C, 2, 64] (int4), zero past K
   std::vector<float> dx;      // [T, U, 16]
@@ -176,17 +175,17 @@ void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, const QMat& W, 
   const bool int4 = W.int4;
   const int64_t span = int4 ? 128 : 64;
   a.T = T, a.K = K, a.C = (K + span - 1) / span, a.int4 = int4;
-  a.block = W.per_channel() ? 256 : 32;
-  a.U = a.block == 256 ? (K + 255) / 256 : a.C;
+  const int64_t block = W.per_channel() ? 256 : 32;
+  a.U = block == 256 ? (K + 255) / 256 : a.C;
   a.q.assign(T * a.C * 64 * (int4 ? 2 : 1), 0);
   a.dx.assign(T * a.U * 16, 0.f);
   a.bias.assign(T * a.U * 16, 0);
   a.db.assign(int4 ? T * a.C * 4 : 0, 0.f);
   const auto mask = [](int64_t n) { return (__mmask16)(n >= 16 ? 0xffff : n <= 0 ? 0 : (1u << n) - 1); };
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t k0 = 0; k0 < K; k0 += a.block) {
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
       const A* x = X + t * ldx + k0;
-      const int64_t n = std::min<int64_t>(a.block, K - k0);
+      const int64_t n = std::min<int64_t>(block, K - k0);
       __m512 m = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16_masked(x + j, mask(n - j))));
       const float amax = _mm512_reduce_max_ps(m);
@@ -201,7 +200,7 @@ void quantize_act(const A* X, int64_t T, int64_t K, int64_t ldx, const QMat& W, 
       }
       const float d = amax / 127.f;
       const int32_t b = -(int4 ? 8 : 128) * _mm512_reduce_add_epi32(sum);
-      if (a.block == 256) {
+      if (block == 256) {
         const int64_t u = t * a.U + k0 / 256;
         std::fill_n(a.dx.data() + u * 16, 16, d);
         a.bias[u * 16] = b;
