@@ -3,7 +3,8 @@
 A :class:`Backend` holds the functions of :mod:`moekit.kernels.reference`
 (``linear``, ``mlp``, ``route``, ``moe_experts``, ``rms_norm``, ``attention``,
 ``rotary``, ``paged_attention``; ``advise_weights``, called on freshly allocated, not yet filled weights by
-the loader; ``fused_decoder``, where a backend can run a whole decode step in one call, for the engine)
+the loader; ``prepare_weights``, called by the loader on the filled model, where a backend may rearrange
+weights for its kernels; ``fused_decoder``, where a backend can run a whole decode step in one call, for the engine)
 and ``paths``, what runs each op. It is chosen once, when a model is built
 (``MoEDecoder(cfg, kernels=...)``), never per call:
 
@@ -37,6 +38,10 @@ def _no_advice(tensors) -> None:
     """Backends without a memory layout preference for freshly allocated weights."""
 
 
+def _as_loaded(model) -> None:
+    """Backends that compute with the weights as loaded."""
+
+
 @dataclass(eq=False)
 class Backend:
     """The kernel functions a model calls, and what runs each op."""
@@ -51,6 +56,7 @@ class Backend:
     route: Callable
     paged_attention: Callable = reference.paged_attention
     advise_weights: Callable = _no_advice
+    prepare_weights: Callable = _as_loaded  # (model) once its weights are filled
     fused_decoder: Callable | None = None  # (model) -> (a whole-model decode step, or None, and why not)
     paths: dict[str, str] = field(default_factory=dict)  # op -> what runs it
     reason: str = ""  # why this backend (auto's choice, an unavailable faster one)
@@ -59,7 +65,8 @@ class Backend:
     def of(cls, name: str, impl, paths: dict[str, str], reason: str = "") -> Backend:
         return cls(name, impl.linear, impl.mlp, impl.moe_experts, impl.rms_norm, impl.attention, impl.rotary,
                    impl.route, impl.paged_attention, getattr(impl, "advise_weights", _no_advice),
-                   getattr(impl, "fused_decoder", None), paths, reason)
+                   getattr(impl, "prepare_weights", _as_loaded), getattr(impl, "fused_decoder", None), paths,
+                   reason)
 
     def describe(self) -> list[str]:
         """One line for the backend, one per op."""

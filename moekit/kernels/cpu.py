@@ -184,7 +184,8 @@ def _unfit_weights(x: torch.Tensor, *ws: Weight, extra=()) -> str | None:
             K, G = w.shape[-1], w.scale.shape[-1]
             if w.device.type != "cpu":
                 return f"{w.device.type} tensors"
-            if (w.data.dtype, w.scale.dtype) != (torch.int8 if w.format == "int8" else torch.uint8, torch.float16):
+            if w.scale.dtype != torch.float16 or w.data.dtype != (torch.int8 if w.format == "int8" and not w.panels
+                                                                 else torch.uint8):
                 return f"a {w.format} weight stored as {w.data.dtype} with {w.scale.dtype} scales"
             if G * w.group != K or (w.group % 32 and not (w.format == "int8" and w.group == K)):
                 return f"a {w.format} weight of {K} columns with {G} scale groups (the kernels take groups of 32k)"
@@ -223,6 +224,15 @@ class CpuKernels:
 
     def advise_weights(self, tensors) -> None:
         advise_weights(tensors)
+
+    def prepare_weights(self, model) -> None:
+        """Per-channel int8 weights into the decode kernel's 16-row panels (QuantWeight.to_panels), where the
+        CPU has VNNI: in-process A/B on this project's EPYC, 2 threads, 1.2-1.9x the row kernel on cached
+        weights at 2-8 tokens, up to 1.2x on weights streamed from memory."""
+        if "avx512_vnni" in cpu_info()["flags"]:
+            for m in model.modules():
+                if isinstance(m, QuantWeight):
+                    m.to_panels()
 
     def fused_decoder(self, model):
         """(the whole-model decode step of ``model`` for the engine, or None, and why not): cpu_decode.py."""

@@ -14,6 +14,12 @@ A weight is a plain floating-point tensor [..., N, K] or a :class:`QuantWeight`:
   each stored as q + 8 with q in [-8, 7] (GGUF's Q4_0 layout); ``scale`` float16 [..., N, G]
   with group 32, 64 or 128.
 
+On the CPU backend, per-channel int8 weights whose rows are a multiple of 32 and columns of 4 are
+rearranged after loading (:meth:`QuantWeight.to_panels`): ``data`` becomes uint8 [..., N, K] in
+16-row panels, each panel's bytes [K / 4, 16, 4] holding q + 128, the layout of the decode kernel
+(moekit/kernels/cpu/qpanel.h). :meth:`QuantWeight.values`, :meth:`QuantWeight.dequantize` and
+:func:`weight_views` (saving, export) give rows whatever the layout.
+
 Quantisation is symmetric and round-to-nearest: scale = max|w| / qmax over a group (qmax 127
 or 7), stored in float16 rounded up so that no value clips. :meth:`QuantWeight.dequantize` is
 the numerical spec every kernel is tested against. docs/quantization.md has the file layout.
@@ -29,6 +35,7 @@ from torch import nn
 FORMATS = {"int8": 127, "int4": 7}  # format -> qmax
 INT4_GROUPS = (32, 64, 128)
 BLOCK = 32  # int4 nibble-interleave block (columns)
+PANEL = 16  # rows of an int8 panel (QuantWeight.to_panels)
 
 
 def check_format(fmt: str, K: int, group: int) -> None:
@@ -54,6 +61,21 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     b = packed.unflatten(-1, (-1, BLOCK // 2))
     q = torch.stack((b & 0xF, b >> 4), dim=-2).to(torch.int8) - 8  # [.., blocks, half, 16]
     return q.flatten(-3)
+
+
+def to_panels(q: torch.Tensor) -> torch.Tensor:
+    """int8 values [..., N, K] (N % 16 == 0, K % 4 == 0) -> uint8 panels [..., N, K]: q + 128, each 16 rows
+    stored as [K / 4, 16, 4]."""
+    *lead, N, K = q.shape
+    u = q.view(torch.uint8) ^ 0x80  # q + 128
+    return u.reshape(*lead, N // PANEL, PANEL, K // 4, 4).transpose(-3, -2).reshape(*lead, N, K)
+
+
+def from_panels(p: torch.Tensor) -> torch.Tensor:
+    """uint8 panels [..., N, K] -> the int8 values [..., N, K] (the inverse of :func:`to_panels`)."""
+    *lead, N, K = p.shape
+    u = p.reshape(*lead, N // PANEL, K // 4, PANEL, 4).transpose(-3, -2).reshape(*lead, N, K)
+    return (u ^ 0x80).view(torch.int8)
 
 
 def _scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -106,16 +128,39 @@ class QuantWeight(nn.Module):
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def panels(self) -> bool:
+        """Whether the int8 data is in the CPU decode kernel's 16-row panels (:meth:`to_panels`)."""
+        return self.format == "int8" and self.data.dtype == torch.uint8
+
+    @torch.no_grad()
+    def to_panels(self) -> bool:
+        """Rearrange per-channel int8 rows into 16-row panels in place, one matrix at a time (no second copy
+        of the stack). Rows a multiple of 32 (so that the kernels' 32-row blocks and a w13 stack's up half
+        start on a panel) and columns of 4; anything else stays in rows. Returns whether it now is in panels."""
+        N, K = self.shape[-2:]
+        if self.format != "int8" or self.group != K or N % (2 * PANEL) or K % 4 or self.panels:
+            return self.panels
+        data = self.data.view(torch.uint8)
+        for m in data.view(-1, N, K):
+            m.copy_(to_panels(m.view(torch.int8)))
+        self.data = data
+        return True
+
+    def _values(self, data: torch.Tensor) -> torch.Tensor:
+        if self.format == "int4":
+            return unpack_int4(data)
+        return from_panels(data) if self.panels else data
+
     def values(self) -> torch.Tensor:
         """The integer values q [..., N, K] as int8."""
-        return self.data if self.format == "int8" else unpack_int4(self.data)
+        return self._values(self.data)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The weight [..., N, K] in ``dtype`` (``index``: only that matrix of the leading dim):
         q * scale, computed in float32."""
         data, scale = (self.data, self.scale) if index is None else (self.data[index], self.scale[index])
-        q = data if self.format == "int8" else unpack_int4(data)
-        return (q.float() * scale.float().repeat_interleave(self.group, dim=-1)).to(dtype)
+        return (self._values(data).float() * scale.float().repeat_interleave(self.group, dim=-1)).to(dtype)
 
     def _apply(self, fn, recurse=True):
         old = (self.data, self.scale)
@@ -125,7 +170,7 @@ class QuantWeight(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"{self.format}, shape={list(self.shape)}, group={self.group}"
+        return f"{self.format}, shape={list(self.shape)}, group={self.group}" + (", panels" if self.panels else "")
 
 
 Weight = torch.Tensor | QuantWeight
@@ -147,9 +192,11 @@ def weight_views(w: Weight, name: str, index: int | None = None, rows: tuple[int
                  width: int | None = None) -> dict[str, torch.Tensor]:
     """Checkpoint views of (part of) a weight: matrix ``index`` of the leading dim, rows [a, b), the
     first ``width`` columns. A quantised weight gives its data under ``name`` and its float16
-    scales under ``name + "_scale"`` (``width`` must then end on a scale group)."""
+    scales under ``name + "_scale"`` (``width`` must then end on a scale group); int8 panels give
+    their rows, a copy (views to read, not to fill)."""
     def part(t: torch.Tensor, cols: int | None) -> torch.Tensor:
         t = t if index is None else t[index]
+        t = from_panels(t) if t.dtype == torch.uint8 and w.panels else t
         t = t if rows is None else t[..., rows[0]:rows[1], :]
         return t if cols is None else t[..., :cols]
 

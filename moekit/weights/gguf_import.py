@@ -349,6 +349,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
         raise CheckpointError(f"{path}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     if wanted:
         quantize_model(model, wanted, progress=show)
+    model.kernels.prepare_weights(model)
     for line in model.kernels.describe():
         log.info(line)
     return model.eval()

@@ -254,6 +254,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     _raise(missing, f"{folder}: tensors the config.json requires are absent")
     if wanted:
         quantize_model(model, wanted, progress=show)
+    model.kernels.prepare_weights(model)
     for line in model.kernels.describe():
         log.info(line)
     return model.eval()

@@ -258,15 +258,15 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, const Stack<A>& w13, c
   return experts_impl<A>(x, jobs, aten);
 }
 
-// x [T, D] against a weight [.., N, K]: plain in x's dtype, or quantised (scale defined). Returns K.
-inline int64_t check_weight(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+// x [T, D] against a weight [.., N, K]: plain in x's dtype, or quantised (scale defined; qmat() checks its data
+// against K: int4 and int8 panels are both uint8, told apart by their width).
+inline void check_weight(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
   if (!scale.defined()) {
     check_pair(x, w);
-    return w.size(-1);
+    return check(w.size(-1) == K, "a weight's columns do not match the input width");
   }
   check(x.dim() == 2 && x.is_contiguous() && (is_bf16(x) || x.scalar_type() == torch::kFloat32),
         "x must be contiguous bfloat16 or float32 [T, D]");
-  return w.scalar_type() == torch::kByte ? 2 * w.size(-1) : w.size(-1);  // qmat() checks the rest
 }
 
 inline torch::Tensor opt(const c10::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); }
@@ -283,8 +283,11 @@ torch::Tensor mlp_impl(const torch::Tensor& x, const Stack<A>& w13, const Stack<
 
 torch::Tensor mlp(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, c10::optional<torch::Tensor> q13,
                   c10::optional<torch::Tensor> q2) {
-  const int64_t D = check_weight(x, w13, opt(q13)), F = check_weight(x, w2, opt(q2));
-  check(w13.dim() == 2 && w2.dim() == 2 && w13.size(0) == 2 * F && D == x.size(1) && w2.size(0) == D, "MLP shapes");
+  check(x.dim() == 2 && w13.dim() == 2 && w2.dim() == 2 && w13.size(0) % 2 == 0 && w2.size(0) == x.size(1),
+        "MLP shapes");
+  const int64_t D = x.size(1), F = w13.size(0) / 2;
+  check_weight(x, w13, opt(q13), D);
+  check_weight(x, w2, opt(q2), F);
   if (is_bf16(x)) return mlp_impl<bf16>(x, Stack<bf16>(w13, opt(q13), D), Stack<bf16>(w2, opt(q2), F));
   return mlp_impl<float>(x, Stack<float>(w13, opt(q13), D), Stack<float>(w2, opt(q2), F));
 }
@@ -301,7 +304,7 @@ torch::Tensor moe_t(const torch::Tensor& x, const torch::Tensor& w13, const torc
 }
 
 // Routed experts w13 [E, 2F, D], w2 [E, D, F] and an optional shared expert s13 [2Fs, D], s2 [D, Fs];
-// q13 .. qs2: the float16 scales of those that are quantised (their data int8, or uint8 for int4).
+// q13 .. qs2: the float16 scales of those that are quantised (their data int8 rows, or uint8: int4, int8 panels).
 torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor ids, torch::Tensor wts,
                   c10::optional<torch::Tensor> s13_opt, c10::optional<torch::Tensor> s2_opt,
                   c10::optional<torch::Tensor> swts_opt, bool aten, c10::optional<torch::Tensor> q13,
@@ -309,16 +312,19 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::T
                   c10::optional<torch::Tensor> qs2) {
   const torch::Tensor s13 = opt(s13_opt), s2 = opt(s2_opt), swts = opt(swts_opt);
   const torch::Tensor q[4] = {opt(q13), opt(q2), opt(qs13), opt(qs2)};
-  const int64_t D = check_weight(x, w13, q[0]), F = check_weight(x, w2, q[1]);
+  check(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) % 2 == 0 &&
+            w2.size(1) == x.size(1), "expert shapes");
+  const int64_t D = x.size(1), F = w13.size(1) / 2;
+  check_weight(x, w13, q[0], D);
+  check_weight(x, w2, q[1], F);
   if (s13.defined()) {
-    const int64_t Ds = check_weight(x, s13, q[2]), Fs = check_weight(x, s2, q[3]);
-    check(s13.dim() == 2 && s2.dim() == 2 && s13.size(0) == 2 * Fs && Ds == x.size(1) && s2.size(0) == x.size(1),
-          "shared MLP shapes");
+    check(s13.dim() == 2 && s2.dim() == 2 && s13.size(0) % 2 == 0 && s2.size(0) == D, "shared MLP shapes");
+    const int64_t Fs = s13.size(0) / 2;
+    check_weight(x, s13, q[2], D);
+    check_weight(x, s2, q[3], Fs);
     check(!swts.defined() || (swts.scalar_type() == torch::kFloat32 && swts.is_contiguous() &&
                               swts.numel() == x.size(0)), "shared weights must be float32 [T]");
   }
-  check(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) == 2 * F && D == x.size(1) &&
-            w2.size(1) == D, "expert shapes");
   check(ids.scalar_type() == torch::kLong && wts.scalar_type() == torch::kFloat32 && ids.is_contiguous() &&
             wts.is_contiguous() && ids.sizes() == wts.sizes() && ids.size(0) == x.size(0),
         "ids must be int64 [T, K] and weights float32 [T, K]");

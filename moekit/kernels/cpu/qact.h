@@ -19,6 +19,7 @@ struct QMat {
   bool int4 = false;
   const uint8_t* stream_end = nullptr;  // where this thread's rows end: prefetch no further (null: anywhere)
   int64_t groups = 0;                   // K / group, stored: the kernels read it per row block
+  bool panels = false;                  // per-channel int8 in 16-row panels (qpanel.h), not rows
   explicit operator bool() const { return data != nullptr; }
   int64_t G() const { return groups; }
   int64_t row_bytes() const { return int4 ? K / 2 : K; }

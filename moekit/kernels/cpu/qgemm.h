@@ -13,6 +13,7 @@
 #pragma once
 
 #include "qgemm4.h"
+#include "qpanel.h"
 
 namespace moekit {
 
@@ -199,6 +200,7 @@ inline void qgemv_rows(const QMat& W, int64_t r0, int64_t r1, const QAct& a, flo
     if (W.group == 64) return qgemv4<2>(W, r0, r1, a, Y, ldo);
     return qgemv4<4>(W, r0, r1, a, Y, ldo);  // group 128
   }
+  if (W.panels) return qgemv_panels(W, r0, r1, a, Y, ldo, s.f);
   if (W.per_channel()) return qgemv_t<SC_ROW>(W, r0, r1, a, Y, ldo, s);
   if (W.group == 32) return qgemv_t<SC_G32>(W, r0, r1, a, Y, ldo, s);
   s.gi.resize(2 * a.C);  // the scale group of each 32-column block (past K: the last), without divisions
@@ -231,8 +233,13 @@ inline void store32(bf16* o, __m512 lo, __m512 hi) {
 template <typename A>
 void dequant_rows(const QMat& W, int64_t r0, int64_t rows, A* out) {
   const int64_t K = W.K, G = W.G();
+  std::vector<int8_t> unpanelled(W.panels ? K : 0);
   for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* p = W.row(r0 + i);
+    if (W.panels) {
+      panel_row(W, r0 + i, unpanelled.data());
+      p = (const uint8_t*)unpanelled.data();
+    }
     const uint16_t* s = W.srow(r0 + i);
     A* o = out + i * K;
     for (int64_t g = 0; g < G; ++g) {
@@ -286,17 +293,23 @@ inline bool qdecode(int64_t tokens) {
 #endif
 }
 
-// The weight `w` as a QMat when `scale` is given (int8 or uint8 = int4 data), with K input columns.
+// The weight `w` as a QMat when `scale` is given, with K input columns: int8 data [N, K] in rows, uint8 data
+// [N, K / 2] (int4) or [N, K] (per-channel int8 in panels, qpanel.h).
 inline QMat qmat(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
   check(w.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kHalf,
         "quantised weights: contiguous data and float16 scales");
-  const bool int4 = w.scalar_type() == torch::kByte;
-  check(int4 || w.scalar_type() == torch::kChar, "quantised weights: int8 or uint8 (int4) data");
+  check(w.scalar_type() == torch::kByte || w.scalar_type() == torch::kChar,
+        "quantised weights: int8 data, or uint8 (int4, int8 panels)");
+  const bool panels = w.scalar_type() == torch::kByte && w.size(-1) == K, int4 = w.scalar_type() == torch::kByte && !panels;
   const int64_t G = scale.size(-1), N = w.size(-2);
   check(G > 0 && K % G == 0 && w.size(-1) == (int4 ? K / 2 : K) && scale.size(-2) == N, "quantised weight shapes");
   const int64_t group = K / G;
   check(int4 ? group % 32 == 0 : (group == K || group % 32 == 0), "quantised weights: group size");
-  return QMat{(const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), N, K, group, int4, nullptr, G};
+  check(!panels || (G == 1 && N % 16 == 0 && K % 4 == 0),
+        "int8 panels: one scale per row, rows a multiple of 16, columns of 4");
+  QMat m{(const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), N, K, group, int4, nullptr, G};
+  m.panels = panels;
+  return m;
 }
 
 }  // namespace moekit
