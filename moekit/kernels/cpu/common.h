@@ -132,6 +132,11 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // A work item costs about ITEM_COST tokens' worth of arithmetic just to stream its weight rows from
 // memory (at ~45 GB/s and ~900 GFLOP/s the two balance near 4 tokens), plus one unit per token.
 constexpr double ITEM_COST = 4.0;
+// int8 panels (qpanel.h) spend much less per token: per weight byte, 8 tokens took 1.2-1.3x the time of one
+// in the stand-alone panel kernel, cold weights, two threads (EPYC Zen 4), about 32 tokens' worth to stream.
+// Whole experts to threads by this count: XVERSE-shaped int8 batch-8 decode +4.6% (8 of 8 rounds) at 16
+// against 4, +2.0% more at 32; Mixtral-shaped within noise (in-process A/B, two builds).
+constexpr double PANEL_ITEM_COST = 32.0;
 
 // Run fn(i0, i1) over [0, n) in contiguous chunks of (nearly) equal total cost, `chunks` per thread,
 // handed out in order to whichever thread is free. Items are ordered by expert and routing can be very

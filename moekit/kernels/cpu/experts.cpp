@@ -105,7 +105,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     return combine<A>(x, jobs, out);
   }
   std::vector<double> cost1(item_job.size());
-  for (size_t i = 0; i < item_job.size(); ++i) cost1[i] = ITEM_COST + jobs[item_job[i]].tok.size();
+  for (size_t i = 0; i < item_job.size(); ++i) cost1[i] = item_cost(jobs[item_job[i]]);
   balanced_for(cost1, [&](int64_t i0, int64_t i1) {
     std::vector<float> g, u;
     QScales blk;
@@ -176,7 +176,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   }
   std::vector<double> cost2(item_job.size());
   for (size_t i = 0; i < cost2.size(); ++i)
-    cost2[i] = (ITEM_COST + jobs[item_job[i]].tok.size()) * (item_d1[i] - item_d0[i]) / BLOCK;
+    cost2[i] = item_cost(jobs[item_job[i]]) * (item_d1[i] - item_d0[i]) / BLOCK;
   balanced_for(cost2, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> pack;
     QScales blk;

@@ -85,6 +85,12 @@ bool streams(const Job<A>& job) {
   return (job.q13 ? qdecode(n) : n < VNNI_MIN_TOKENS) && (job.q2 ? qdecode(n) : n < VNNI_MIN_TOKENS);
 }
 
+// What a work item of the job costs per weight row, in tokens' worth (ITEM_COST, PANEL_ITEM_COST).
+template <typename A>
+double item_cost(const Job<A>& job) {
+  return (job.q13.panels ? PANEL_ITEM_COST : ITEM_COST) + job.tok.size();
+}
+
 // Few tokens, at least as many experts as threads: whole experts to threads (largest first, each to the
 // least loaded), where that leaves the threads within 15% of even. A thread then streams each of its
 // experts' gate+up rows and down rows front to back, with no barrier between the two; split by blocks,
@@ -97,7 +103,7 @@ std::vector<std::vector<int64_t>> whole_experts(const std::vector<Job<A>>& jobs,
   double total = 0;
   for (int64_t j = 0; j < J; ++j) {
     if (!streams(jobs[j])) return {};
-    total += cost[j] = 3.0 * jobs[j].F * D * (ITEM_COST + jobs[j].tok.size());
+    total += cost[j] = 3.0 * jobs[j].F * D * item_cost(jobs[j]);
   }
   std::vector<int64_t> order(J);
   std::iota(order.begin(), order.end(), 0);
