@@ -13,7 +13,8 @@ The extension is compiled once per machine with the system compiler
 - int8 / int4 weights (:class:`QuantWeight`, any token count) on moekit's low-bit kernels
   (``cpu/qgemm.h``): with few tokens the activations are quantised to int8 in 32-column blocks
   (llama.cpp's Q8_0; 256 against per-channel int8, as its Q8_K) and AVX-512 VNNI dot products stream
-  the weight bytes; with many, weight tiles are dequantised to bf16 (exactly the reference's
+  the weight bytes (per-channel int8 rearranged after loading into 16-row panels, ``cpu/qpanel.h``,
+  :meth:`CpuKernels.prepare_weights`); with many, weight tiles are dequantised to bf16 (exactly the reference's
   weights) for the packed microkernel.
 
 A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
@@ -247,7 +248,8 @@ class CpuKernels:
                else self.pick.get("source", ""))
         many = ("ATen GEMMs (oneDNN" + (", AMX" if "amx_bf16" in cpu_info()["flags"] else "") + ")"
                 if self.aten else "moekit packed microkernel")
-        few = ("int8 activations x VNNI dot products" if "avx512_vnni" in cpu_info()["flags"]
+        few = ("int8 activations x VNNI dot products, per-channel int8 in 16-row panels"
+               if "avx512_vnni" in cpu_info()["flags"]
                else "dequantised weight tiles")
         return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
                 "int8 / int4 weights": f"moekit: {few} (< {QDECODE_TOKENS} tokens); more: weight tiles dequantised "
