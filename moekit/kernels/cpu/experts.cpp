@@ -77,7 +77,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   std::vector<int64_t> item_job, item_blk;
   std::vector<std::vector<float>> out(jobs.size());
   std::vector<char> big(jobs.size(), 0);
-  for (size_t j = 0; j < jobs.size(); ++j) {
+  const auto gather = [&](size_t j) {  // the job's tokens' rows, quantised for its gate/up rows where they are
     auto& job = jobs[j];
     const int64_t n = job.tok.size();
     job.x.resize(n * D);
@@ -87,23 +87,32 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
 #if defined(__AVX512VNNI__)
     if (job.q13 && qdecode(n)) quantize_act<A>(job.x.data(), n, D, D, job.q13, job.qx);
 #endif
+  };
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const int64_t n = jobs[j].tok.size();
     if (aten && n >= VNNI_MIN_TOKENS) {
+      gather(j);
       big[j] = 1;
-      expert_aten<A>(job, D, x, out[j]);
+      expert_aten<A>(jobs[j], D, x, out[j]);
       continue;
     }
-    for (int64_t blk = 0; blk < (job.F + BLOCK - 1) / BLOCK; ++blk) {
+    for (int64_t blk = 0; blk < (jobs[j].F + BLOCK - 1) / BLOCK; ++blk) {
       item_job.push_back(j);
       item_blk.push_back(blk);
     }
   }
-  if (const auto plan = whole_experts(jobs, D); !plan.empty()) {
+  if (const auto plan = whole_experts(jobs, D); !plan.empty()) {  // each thread gathers its own experts' tokens
     at::parallel_for(0, plan.size(), 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j : plan[p]) expert_stream<A>(jobs[j], D, out[j]);
+        for (int64_t j : plan[p]) {
+          gather(j);
+          expert_stream<A>(jobs[j], D, out[j]);
+        }
     });
     return combine<A>(x, jobs, out);
   }
+  for (size_t j = 0; j < jobs.size(); ++j)
+    if (!big[j]) gather(j);
   std::vector<double> cost1(item_job.size());
   for (size_t i = 0; i < item_job.size(); ++i) cost1[i] = item_cost(jobs[item_job[i]]);
   balanced_for(cost1, [&](int64_t i0, int64_t i1) {
