@@ -101,13 +101,13 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
       item_blk.push_back(blk);
     }
   }
-  if (const auto plan = whole_experts(jobs, D); !plan.empty()) {  // each thread gathers its own experts' tokens
-    at::parallel_for(0, plan.size(), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j : plan[p]) {
-          gather(j);
-          expert_stream<A>(jobs[j], D, out[j]);
-        }
+  if (const auto order = whole_experts(jobs, D); !order.empty()) {  // each thread gathers its experts' tokens
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (size_t i; (i = next.fetch_add(1)) < order.size();) {
+        gather(order[i]);
+        expert_stream<A>(jobs[order[i]], D, out[order[i]]);
+      }
     });
     return combine<A>(x, jobs, out);
   }

@@ -91,12 +91,14 @@ double item_cost(const Job<A>& job) {
   return (job.q13.panels ? PANEL_ITEM_COST : ITEM_COST) + job.tok.size();
 }
 
-// Few tokens, at least as many experts as threads: whole experts to threads (largest first, each to the
-// least loaded), where that leaves the threads within 15% of even. A thread then streams each of its
-// experts' gate+up rows and down rows front to back, with no barrier between the two; split by blocks,
-// each thread restarts its prefetch at every part and waits for the other before the down rows.
+// Few tokens, at least as many experts as threads: whole experts to threads, where a largest-first
+// assignment by cost leaves the threads within 15% of even. Returns the experts largest first (empty: split
+// by blocks instead); each thread takes the next one when it is free, so a thread whose experts stream
+// slower than their cost says (or that the machine stalls) does not hold up the other. A thread streams each
+// of its experts' gate+up rows and down rows front to back, with no barrier between the two; split by
+// blocks, each thread restarts its prefetch at every part and waits for the other before the down rows.
 template <typename A>
-std::vector<std::vector<int64_t>> whole_experts(const std::vector<Job<A>>& jobs, int64_t D) {
+std::vector<int64_t> whole_experts(const std::vector<Job<A>>& jobs, int64_t D) {
   const int64_t threads = at::get_num_threads(), J = jobs.size();
   if (threads < 2 || J < threads || at::in_parallel_region()) return {};
   std::vector<double> cost(J);
@@ -108,15 +110,10 @@ std::vector<std::vector<int64_t>> whole_experts(const std::vector<Job<A>>& jobs,
   std::vector<int64_t> order(J);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  std::vector<std::vector<int64_t>> plan(threads);
   std::vector<double> load(threads, 0.0);
-  for (int64_t j : order) {
-    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    plan[t].push_back(j);
-    load[t] += cost[j];
-  }
+  for (int64_t j : order) *std::min_element(load.begin(), load.end()) += cost[j];
   if (*std::max_element(load.begin(), load.end()) > 1.15 * total / threads) return {};
-  return plan;
+  return order;
 }
 
 // One expert over its few tokens on this thread: gate and up rows as one stream, SwiGLU, down rows.
