@@ -67,7 +67,8 @@ void expert_aten(Job<A>& job, int64_t D, const torch::Tensor& like, std::vector<
 
 // SwiGLU experts: y[t] = sum_j wt_j * down_j(silu(gate_j x_t) * up_j x_t).
 // With `aten`, experts with at least VNNI_MIN_TOKENS tokens run on ATen's GEMMs one after the other
-// (each parallel inside); the rest run here in two phases. Phase 1 (parallel over (expert, F-block)):
+// (each parallel inside). Experts with few tokens run whole, one per thread at a time, where they balance
+// (moe.h, whole_experts); the rest run here in two phases. Phase 1 (parallel over (expert, F-block)):
 // activations. Phase 2 (parallel over (expert, D-block)): down projections. Then a combine in a fixed
 // order, so results are deterministic.
 template <typename A>
@@ -76,7 +77,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   const A* X = (const A*)x.data_ptr();
   std::vector<int64_t> item_job, item_blk;
   std::vector<std::vector<float>> out(jobs.size());
-  std::vector<char> big(jobs.size(), 0);
+  std::vector<char> done(jobs.size(), 0);  // run on ATen, or whole on one thread: not in the blocks below
   const auto gather = [&](size_t j) {  // the job's tokens' rows, quantised for its gate/up rows where they are
     auto& job = jobs[j];
     const int64_t n = job.tok.size();
@@ -88,31 +89,32 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     if (job.q13 && qdecode(n)) quantize_act<A>(job.x.data(), n, D, D, job.q13, job.qx);
 #endif
   };
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    const int64_t n = jobs[j].tok.size();
-    if (aten && n >= VNNI_MIN_TOKENS) {
+  for (size_t j = 0; j < jobs.size(); ++j)
+    if (aten && (int64_t)jobs[j].tok.size() >= VNNI_MIN_TOKENS) {
       gather(j);
-      big[j] = 1;
+      done[j] = 1;
       expert_aten<A>(jobs[j], D, x, out[j]);
-      continue;
     }
+  const auto [whole, rest] = whole_experts(jobs, D);
+  if (!whole.empty()) {  // each thread gathers its experts' tokens
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (size_t i; (i = next.fetch_add(1)) < whole.size();) {
+        gather(whole[i]);
+        expert_stream<A>(jobs[whole[i]], D, out[whole[i]]);
+      }
+    });
+    if (rest.empty()) return combine<A>(x, jobs, out);
+    for (int64_t j : whole) done[j] = 1;
+  }
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (done[j]) continue;
+    gather(j);
     for (int64_t blk = 0; blk < (jobs[j].F + BLOCK - 1) / BLOCK; ++blk) {
       item_job.push_back(j);
       item_blk.push_back(blk);
     }
   }
-  if (const auto order = whole_experts(jobs, D); !order.empty()) {  // each thread gathers its experts' tokens
-    std::atomic<size_t> next{0};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (size_t i; (i = next.fetch_add(1)) < order.size();) {
-        gather(order[i]);
-        expert_stream<A>(jobs[order[i]], D, out[order[i]]);
-      }
-    });
-    return combine<A>(x, jobs, out);
-  }
-  for (size_t j = 0; j < jobs.size(); ++j)
-    if (!big[j]) gather(j);
   std::vector<double> cost1(item_job.size());
   for (size_t i = 0; i < item_job.size(); ++i) cost1[i] = item_cost(jobs[item_job[i]]);
   balanced_for(cost1, [&](int64_t i0, int64_t i1) {
@@ -158,7 +160,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   std::vector<int64_t> todo;  // jobs whose activations are quantised for their down rows
   int64_t elements = 0;
   for (size_t j = 0; j < jobs.size(); ++j)
-    if (!big[j] && jobs[j].q2 && qdecode(jobs[j].tok.size())) {
+    if (!done[j] && jobs[j].q2 && qdecode(jobs[j].tok.size())) {
       todo.push_back(j);
       elements += jobs[j].tok.size() * jobs[j].F;
     }
@@ -175,7 +177,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   std::vector<int64_t> item_d0, item_d1;
   item_job.clear();
   for (size_t j = 0; j < jobs.size(); ++j) {
-    if (big[j]) continue;
+    if (done[j]) continue;
     const int64_t step = paired_down<A>(jobs[j]) ? 2 * BLOCK : BLOCK;
     for (int64_t d0 = 0; d0 < D; d0 += step) {
       item_job.push_back(j);
