@@ -111,3 +111,33 @@ def test_mlp(T, kern, monkeypatch):
         got = kern.mlp(x, w13, w2)
     want = reference.mlp(x.double(), w13.dequantize(torch.float64), w2.dequantize(torch.float64))
     assert rel_norm(got, want) < MLP_TOL
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["bf16", "int8 panels", "int4"])
+def test_left_over_expert_in_blocks_gives_the_same_bits(fmt, monkeypatch):
+    """Five equal experts of two tokens each on two threads: four run whole, one per thread at a time, and
+    the fifth in row blocks shared by both (moe.h, whole_experts); one thread runs all five in blocks."""
+    T, E, D, F = 5, 5, 256, 64
+
+    def mk(shape):
+        if fmt == "bf16":
+            return (torch.randn(*shape, generator=g) * 0.1).bfloat16()
+        return panels(shape) if fmt == "int8 panels" else QuantWeight.quantize(torch.randn(*shape, generator=g) * 0.1,
+                                                                               "int4", 32)
+
+    ex = ExpertWeights(mk((E, 2 * F, D)), mk((E, D, F)))
+    x = torch.randn(T, D, generator=g).bfloat16()
+    ids = torch.tensor([[t, (t + 1) % E] for t in range(T)])
+    w = torch.rand(T, 2, generator=g)
+    kern, before = cpu.CpuKernels(torch.bfloat16, gemm="moekit"), torch.get_num_threads()
+    try:
+        with no_fallback(monkeypatch):
+            torch.set_num_threads(1)
+            one = kern.moe_experts(x, ex, ids, w)
+            torch.set_num_threads(2)
+            two = kern.moe_experts(x, ex, ids, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert rel_norm(two, moe64(x, ex, ids, w)) < (MLP_TOL if fmt != "bf16" else 1e-2)
