@@ -94,12 +94,13 @@ double item_cost(const Job<A>& job) {
 // Few tokens, at least as many experts as threads: whole experts to threads. Returns (the experts to run
 // whole, largest first; the rest, split by blocks). Each thread takes the next whole expert when it is free,
 // so one whose experts stream slower than their cost says (or that the machine stalls) does not hold up
-// the other, and streams its gate+up rows and down rows front to back, with no barrier between the two. The
-// whole set is the largest prefix that a largest-first assignment by cost spreads within 5% of even: an
-// odd expert left over (7 of Mixtral's 8 at batch 8) goes to the blocks, shared by all threads, instead of
-// idling a thread for most of an expert. A Mixtral-shaped int8 layer of 8 tokens on 5 experts: +7.9%; on
-// 7 or 8 within noise (the lone thread streams faster); engine batch 8 +0.9% int8, +1.6% bf16 (A/B). Failing that, all whole where within 15%; else none (all blocks:
-// each thread restarts its prefetch at every part and waits for the other before the down rows).
+// the other, and streams its gate+up rows and down rows front to back, with no barrier between the two.
+// The whole set is the largest prefix that a largest-first assignment by cost spreads within 5% of even:
+// an odd expert left over (7 of Mixtral's 8 at batch 8) goes to the blocks, shared by all threads, instead
+// of idling a thread for most of an expert (a Mixtral-shaped int8 layer of 8 tokens on 5 experts: +7.9%;
+// on 7 or 8 within noise, as a thread left alone streams faster; engine batch 8 +0.9% int8, +1.6% bf16,
+// in-process A/B). Failing that, all whole where within 15%; else none (all blocks: each thread restarts
+// its prefetch at every part and waits for the other before the down rows).
 template <typename A>
 std::pair<std::vector<int64_t>, std::vector<int64_t>> whole_experts(const std::vector<Job<A>>& jobs, int64_t D) {
   const int64_t threads = at::get_num_threads(), J = jobs.size();
@@ -112,20 +113,18 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> whole_experts(const std::v
   std::vector<int64_t> order(J);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  const auto spread = [&](int64_t n) {  // (max - mean, max) / mean of the threads' loads for order[0, n)
-    std::vector<double> load(threads, 0.0);
-    double total = 0;
-    for (int64_t i = 0; i < n; ++i) *std::min_element(load.begin(), load.end()) += cost[order[i]], total += cost[order[i]];
-    return *std::max_element(load.begin(), load.end()) / (total / threads) - 1.0;
-  };
-  const auto cut = [&](int64_t n) {
-    return std::make_pair(std::vector<int64_t>(order.begin(), order.begin() + n),
-                          std::vector<int64_t>(order.begin() + n, order.end()));
-  };
-  for (int64_t n = J; n >= threads; --n)
-    if (spread(n) <= 0.05) return cut(n);
-  if (spread(J) <= 0.15) return cut(J);
-  return {};
+  std::vector<double> load(threads, 0.0);  // the assignment of the first n experts, n = 1 .. J in turn
+  double total = 0, over = 0;              // over: how far the busiest thread is above the mean (a fraction)
+  int64_t n = 0;                           // the largest prefix within 5%
+  for (int64_t i = 0; i < J; ++i) {
+    *std::min_element(load.begin(), load.end()) += cost[order[i]];
+    total += cost[order[i]];
+    over = *std::max_element(load.begin(), load.end()) / (total / threads) - 1.0;
+    if (i + 1 >= threads && over <= 0.05) n = i + 1;
+  }
+  if (!n && over <= 0.15) n = J;
+  if (!n) return {};
+  return {std::vector<int64_t>(order.begin(), order.begin() + n), std::vector<int64_t>(order.begin() + n, order.end())};
 }
 
 // One expert over its few tokens on this thread: gate and up rows as one stream, SwiGLU, down rows.

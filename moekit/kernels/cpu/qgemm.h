@@ -300,7 +300,7 @@ inline QMat qmat(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) 
         "quantised weights: contiguous data and float16 scales");
   check(w.scalar_type() == torch::kByte || w.scalar_type() == torch::kChar,
         "quantised weights: int8 data, or uint8 (int4, int8 panels)");
-  const bool panels = w.scalar_type() == torch::kByte && w.size(-1) == K, int4 = w.scalar_type() == torch::kByte && !panels;
+  const bool bytes = w.scalar_type() == torch::kByte, panels = bytes && w.size(-1) == K, int4 = bytes && !panels;
   const int64_t G = scale.size(-1), N = w.size(-2);
   check(G > 0 && K % G == 0 && w.size(-1) == (int4 ? K / 2 : K) && scale.size(-2) == N, "quantised weight shapes");
   const int64_t group = K / G;
