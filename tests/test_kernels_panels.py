@@ -8,7 +8,7 @@ import torch
 
 from moekit.kernels import cpu, reference
 from moekit.kernels.weights import PANEL, ExpertWeights, QuantWeight, from_panels, to_panels, weight_views
-from tests.test_kernels_quant import MLP_TOL, moe64, no_fallback, q8_blocks, rel_max, rel_norm
+from tests.test_kernels_quant import MLP_TOL, moe64, no_fallback, one_and_two_threads, q8_blocks, rel_max, rel_norm
 
 g = torch.Generator().manual_seed(1)
 VNNI = cpu.supported() and "avx512_vnni" in cpu.cpu_info()["flags"]
@@ -89,15 +89,8 @@ def test_moe_experts(T, E, K, F, shared, monkeypatch):
     sh = (panels((2 * shared, D)), panels((D, shared)), torch.rand(T, generator=g)) if shared else ()
     ex = ExpertWeights(panels((E, 2 * F, D)), panels((E, D, F)), *sh)
     want = moe64(x, ex, ids, w)
-    kern, before = cpu.CpuKernels(torch.bfloat16, gemm="moekit"), torch.get_num_threads()
-    try:
-        with no_fallback(monkeypatch):
-            torch.set_num_threads(1)
-            one = kern.moe_experts(x, ex, ids, w)
-            torch.set_num_threads(2)
-            two = kern.moe_experts(x, ex, ids, w)
-    finally:
-        torch.set_num_threads(before)
+    kern = cpu.CpuKernels(torch.bfloat16, gemm="moekit")
+    one, two = one_and_two_threads(lambda: kern.moe_experts(x, ex, ids, w), monkeypatch)
     assert torch.equal(one, two)  # whole experts a thread or row blocks: the same bits
     assert rel_norm(two, want) < MLP_TOL
 
@@ -130,14 +123,7 @@ def test_left_over_expert_in_blocks_gives_the_same_bits(fmt, monkeypatch):
     x = torch.randn(T, D, generator=g).bfloat16()
     ids = torch.tensor([[t, (t + 1) % E] for t in range(T)])
     w = torch.rand(T, 2, generator=g)
-    kern, before = cpu.CpuKernels(torch.bfloat16, gemm="moekit"), torch.get_num_threads()
-    try:
-        with no_fallback(monkeypatch):
-            torch.set_num_threads(1)
-            one = kern.moe_experts(x, ex, ids, w)
-            torch.set_num_threads(2)
-            two = kern.moe_experts(x, ex, ids, w)
-    finally:
-        torch.set_num_threads(before)
+    kern = cpu.CpuKernels(torch.bfloat16, gemm="moekit")
+    one, two = one_and_two_threads(lambda: kern.moe_experts(x, ex, ids, w), monkeypatch)
     assert torch.equal(one, two)
     assert rel_norm(two, moe64(x, ex, ids, w)) < (MLP_TOL if fmt != "bf16" else 1e-2)

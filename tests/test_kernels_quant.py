@@ -46,6 +46,19 @@ def no_fallback(monkeypatch):
         yield
 
 
+def one_and_two_threads(run, monkeypatch):
+    """run() on one thread, then on two (no reference fallback allowed): the two results."""
+    before = torch.get_num_threads()
+    try:
+        with no_fallback(monkeypatch):
+            torch.set_num_threads(1)
+            one = run()
+            torch.set_num_threads(2)
+            return one, run()
+    finally:
+        torch.set_num_threads(before)
+
+
 def rel_max(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
@@ -190,15 +203,8 @@ def test_decode_schedules_agree_bit_for_bit(fmt, group, dtype, T, E, K, F, share
     ex = ExpertWeights(mk((E, 2 * F, D)), mk((E, D, F)), *sh)
     x = torch.randn(T, D, generator=g).to(dtype)
     w, ids = reference.route(torch.randn(T, E, generator=g), K)
-    kern, before = cpu.CpuKernels(dtype, gemm="moekit"), torch.get_num_threads()
-    try:
-        with no_fallback(monkeypatch):
-            torch.set_num_threads(1)
-            one = kern.moe_experts(x, ex, ids, w)
-            torch.set_num_threads(2)
-            two = kern.moe_experts(x, ex, ids, w)
-    finally:
-        torch.set_num_threads(before)
+    kern = cpu.CpuKernels(dtype, gemm="moekit")
+    one, two = one_and_two_threads(lambda: kern.moe_experts(x, ex, ids, w), monkeypatch)
     assert torch.equal(one, two)
 
 
@@ -209,15 +215,7 @@ def test_decode_linear_same_bits_on_one_and_two_threads(fmt, group, T, N, kern, 
     and two threads with the machine's load, so the split must not change a bit."""
     K = {None: 1000, 32: 736, 64: 704, 128: 768}[group]
     w, x = quant((N, K), fmt, group), torch.randn(T, K, generator=g).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        with no_fallback(monkeypatch):
-            torch.set_num_threads(1)
-            one = kern.linear(x, w)
-            torch.set_num_threads(2)
-            two = kern.linear(x, w)
-    finally:
-        torch.set_num_threads(before)
+    one, two = one_and_two_threads(lambda: kern.linear(x, w), monkeypatch)
     assert torch.equal(one, two)
 
 
