@@ -98,9 +98,24 @@ class PagePool:
             raise OSError(err, f"mmap of {n} bytes failed: {os.strerror(err)}")
 
 
+def pread_exact(fd: int, addr: int, nbytes: int, offset: int, path: Path, name: str) -> None:
+    """Read ``nbytes`` of a file at ``offset`` into memory at ``addr``; a short file names the tensor."""
+    mem = memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [mem[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(f"{path.name}: tensor {name!r} ends past the end of the file "
+                                  f"(truncated at byte {offset + got})")
+        got += n
+
+
 @dataclass(frozen=True)
 class Stored:
-    """Where one checkpoint tensor's bytes are: file, absolute byte offset, size, dtype, shape."""
+    """Where one safetensors tensor's bytes are: file, absolute byte offset, size, dtype, shape.
+
+    A checkpoint source for the loader and the cache: :meth:`fill` writes it into the views it
+    stands for (here one), :meth:`scratch` is the buffer that takes (0 when read in place)."""
 
     path: Path
     name: str
@@ -113,17 +128,14 @@ class Stored:
         """Whether the file's bytes can be read straight into ``view`` (same dtype, contiguous)."""
         return view.is_contiguous() and view.dtype == self.dtype and view.numel() * view.element_size() == self.nbytes
 
-    def read_into(self, fd: int, view: torch.Tensor, drop_page_cache: bool = False) -> None:
-        """Fill ``view`` from the file (through a temporary buffer when dtypes or layouts differ)."""
+    def scratch(self, views: tuple[torch.Tensor, ...]) -> int:
+        return 0 if self.direct(views[0]) else self.nbytes
+
+    def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False) -> None:
+        """Fill the view from the file (through a temporary buffer when dtypes or layouts differ)."""
+        view = views[0]
         buf = view if self.direct(view) else torch.empty(self.nbytes, dtype=torch.uint8)
-        mem = memoryview((ctypes.c_char * self.nbytes).from_address(buf.data_ptr())).cast("B")
-        got = 0
-        while got < self.nbytes:
-            n = os.preadv(fd, [mem[got:]], self.offset + got)
-            if n <= 0:
-                raise CheckpointError(f"{self.path.name}: tensor {self.name!r} ends past the end of the file "
-                                      f"(truncated at byte {self.offset + got})")
-            got += n
+        pread_exact(fd, buf.data_ptr(), self.nbytes, self.offset, self.path, self.name)
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
         if buf is not view:
@@ -135,7 +147,7 @@ class Expert:
     """One (layer, expert): its page-aligned ranges in the stacks and the tensors to read into them."""
 
     spans: list[tuple[int, int]]  # (address, bytes)
-    reads: list[tuple[Stored, torch.Tensor]]  # checkpoint tensor -> the view it fills
+    reads: list[tuple[Stored, tuple[torch.Tensor, ...]]]  # a checkpoint source -> the views it fills
     covered: bool  # the reads fill the spans entirely (else padding is zeroed first)
 
     @property
@@ -156,6 +168,7 @@ class OffloadStats:
     capacity_bytes: int = 0  # the page pool
     resident_bytes: int = 0  # weights always in memory (everything but the offloaded experts)
     working_bytes: int = 0  # budget left for the KV cache and activations
+    buffer_bytes: int = 0  # budget for converting an expert read on the way in (0: read in place)
     expert_bytes: int = 0  # all offloaded experts, as stored in memory
     hits: int = 0
     misses: int = 0
@@ -229,8 +242,8 @@ class ExpertCache:
         if not x.covered:  # padded experts: pages reused from another expert hold its bytes
             for addr, n in x.spans:
                 ctypes.memset(addr, 0, n)
-        for stored, view in x.reads:
-            stored.read_into(self.fds[stored.path], view, self.drop_page_cache)
+        for source, views in x.reads:
+            source.fill(self.fds[source.path], views, self.drop_page_cache)
         self.stats.bytes_read += sum(s.nbytes for s, _ in x.reads)
         self.stats.read_seconds += time.perf_counter() - t0
 
@@ -238,7 +251,7 @@ class ExpertCache:
         """NaN / infinity check of an expert's floating-point tensors, the first time it is read."""
         if key in self.verified:
             return
-        for stored, view in self.experts[key].reads:
+        for stored, view in ((s, v) for s, views in self.experts[key].reads for v in views):
             if view.is_floating_point() and not bool(torch.isfinite(view.sum())) and not bool(
                     torch.isfinite(view).all()):
                 bad = int((~torch.isfinite(view)).sum())

@@ -190,17 +190,21 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
+def copy_blocks(raw: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    """Q8_0 / Q4_0 blocks (bytes [..., N, K / 32 * block]) into moekit's int8 / int4 ``data`` [..., N, K]
+    (int4: [..., N, K / 2]) and ``scale`` [..., N, K / 32]: each 32-column block is a float16 scale then
+    32 int8 values (Q8_0) or 16 bytes of nibbles, column j low and j + 16 high, stored as q + 8 (Q4_0) --
+    moekit's layouts with group 32, the same bytes."""
+    blocks = raw.reshape(*scale.shape, -1)  # [.., N, G, bytes]
+    scale.copy_(blocks[..., :2].view(torch.float16).squeeze(-1))
+    data.view(*scale.shape, -1).copy_(blocks[..., 2:].view(data.dtype))
+
+
 def quant_weight(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> QuantWeight:
-    """A Q8_0 / Q4_0 block array (bytes [..., N, K / 32 * block]) as moekit's int8 / int4 weight:
-    each 32-column block is a float16 scale then 32 int8 values (Q8_0) or 16 bytes of nibbles,
-    column j low and j + 16 high, stored as q + 8 (Q4_0) -- moekit's layouts with group 32."""
-    *lead, K = shape
-    blocks = _from_numpy(raw).reshape(*lead, K // 32, -1)  # [.., N, G, bytes]
-    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # [.., N, G]
-    body = blocks[..., 2:]
+    """A Q8_0 / Q4_0 block array as moekit's int8 / int4 weight (:func:`copy_blocks`)."""
     w = QuantWeight("int8" if kind == "Q8_0" else "int4", shape, 32, device="meta")
-    w.data = body.contiguous().view(torch.int8).reshape(shape) if kind == "Q8_0" else body.reshape(*lead, K // 2)
-    w.scale = scale
+    w.data, w.scale = torch.empty_like(w.data, device="cpu"), torch.empty_like(w.scale, device="cpu")
+    copy_blocks(_from_numpy(raw), w.data, w.scale)
     return w
 
 
@@ -246,13 +250,12 @@ def _sources(model_views: dict, tensors: dict, path: Path) -> dict[str, list[tup
     return out
 
 
-def _store(views: dict, name: str, value) -> torch.Tensor:
+def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> torch.Tensor:
     """Copy one GGUF matrix into the model; returns the view that holds its values (the scales when quantised).
 
-    A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight byte for byte (data, then scales
-    under ``name_scale``) and is dequantised into a floating-point one.
+    A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight byte for byte (``view`` its data,
+    ``scale`` its scales) and is dequantised into a floating-point one (``scale`` None).
     """
-    view, scale = views[name], views.get(name + SCALE)
     if scale is not None:
         view.copy_(value.data)
         return scale.copy_(value.scale)
@@ -286,18 +289,37 @@ def default_dtype(tensors: dict) -> torch.dtype:
     return torch.float32 if kinds <= {"F32"} else torch.bfloat16
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-              kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
-              group: int | None = None) -> MoEDecoder:
-    """A llama.cpp GGUF file of a supported architecture as a :class:`MoEDecoder`.
+@dataclasses.dataclass
+class Plan:
+    """A GGUF file checked against the model its metadata describes, before anything is allocated."""
 
-    dtype: the compute dtype; None is float32 for an all-F32 file and bfloat16 otherwise. A Q8_0 /
-    Q4_0 file keeps its matrices as int8 / int4 (:func:`kept_quantised`); ``quantize`` / ``group``
-    quantise a floating-point one after loading, as :func:`moekit.load` does. Raises
-    :class:`CheckpointError` naming the file and the key or tensor for an unsupported
-    architecture, a truncated file, missing, unexpected or mis-shaped tensors.
-    """
-    from moekit.weights.load import _allocate, _on_meta, as_dtype
+    path: Path
+    cfg: ModelConfig
+    dtype: torch.dtype
+    tensors: dict  # GGUF name -> gguf-py ReaderTensor (memory-mapped)
+    sources: dict  # GGUF name -> [(moekit view name, index into its leading dim or None)]
+    quant: QuantConfig | None  # the file's Q8_0 / Q4_0 matrices kept as int8 / int4
+    permuted: bool  # Q/K rows in llama.cpp's rotary order
+
+    def on_meta(self, device, kernels: str) -> MoEDecoder:
+        """The model on the meta device, with quantised matrices where the file keeps them."""
+        from moekit.weights.load import _on_meta
+
+        model = _on_meta(self.cfg, self.dtype, device, kernels)
+        if self.quant:
+            quantize_model(model, self.quant, structure_only=True)
+        return model
+
+    def heads(self, g: str) -> int:
+        """The head count whose rows to unpermute for GGUF tensor ``g`` (0: none)."""
+        part = g.split(".")[-2]
+        return {"attn_q": self.cfg.num_heads, "attn_k": self.cfg.num_kv_heads}.get(part, 0) if self.permuted else 0
+
+
+def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None) -> Plan:
+    """Read a GGUF file's metadata and tensor table and check them against the model they describe:
+    missing, unexpected or mis-shaped tensors are named."""
+    from moekit.weights.load import as_dtype
 
     path = Path(path)
     reader = open_gguf(path)
@@ -320,29 +342,42 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(f"{path}: {problems[0]}{more}")
-    quant, wanted = kept_quantised(cfg, sources, tensors), QuantConfig.of(quantize, group) if quantize else None
+    return Plan(path, cfg, dtype, tensors, sources, kept_quantised(cfg, sources, tensors),
+                meta.get("general.architecture") in PERMUTED)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+              kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
+              group: int | None = None) -> MoEDecoder:
+    """A llama.cpp GGUF file of a supported architecture as a :class:`MoEDecoder`.
+
+    dtype: the compute dtype; None is float32 for an all-F32 file and bfloat16 otherwise. A Q8_0 /
+    Q4_0 file keeps its matrices as int8 / int4 (:func:`kept_quantised`); ``quantize`` / ``group``
+    quantise a floating-point one after loading, as :func:`moekit.load` does. Raises
+    :class:`CheckpointError` naming the file and the key or tensor for an unsupported
+    architecture, a truncated file, missing, unexpected or mis-shaped tensors.
+    """
+    from moekit.weights.load import _allocate
+
+    plan = plan_gguf(path, dtype)
+    path, quant, wanted = plan.path, plan.quant, QuantConfig.of(quantize, group) if quantize else None
     if quant and wanted:
         raise CheckpointError(f"{path}: already quantised ({quant.format} from GGUF {QUANT_KIND[quant.format]}); "
                               f"load it without quantize=")
-    model = _on_meta(cfg, dtype, device, kernels)
-    if quant:
-        quantize_model(model, quant, structure_only=True)
-    model = _allocate(model, dtype, device)
+    model = _allocate(plan.on_meta(device, kernels), plan.dtype, device)
     views = model.named_views()
-    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
-    permuted = meta.get("general.architecture") in PERMUTED
     bad = []
     show = sys.stderr.isatty() if progress is None else progress
     with torch.no_grad():
-        for g, targets in tqdm(sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not show):
-            t = tensors[g]
+        for g, targets in tqdm(plan.sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not show):
+            t = plan.tensors[g]
             kind, shape = t.tensor_type.name, _shape(t)
             for name, index in targets:
                 raw = t.data if index is None else t.data[index]
                 value = tensor_value(raw, kind, shape if index is None else shape[1:])
-                if permuted and (part := g.split(".")[-2]) in heads:
-                    value = _unpermute_value(value, heads[part])
-                stored = _store(views, name, value)
+                if heads := plan.heads(g):
+                    value = _unpermute_value(value, heads)
+                stored = store(views[name], views.get(name + SCALE), value)
                 if not bool(torch.isfinite(stored.sum())) and not bool(torch.isfinite(stored).all()):
                     bad.append(f"tensor {g!r} has NaN or infinite values")
     if bad:

@@ -20,6 +20,7 @@ measured figures).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -46,7 +47,6 @@ from moekit.weights.load import (
     _allocate,
     _check_headers,
     _check_size,
-    _non_finite,
     _on_meta,
     _raise,
     read_config,
@@ -116,21 +116,30 @@ def _budget_error(path: Path, max_memory: float, resident: int, need: int, per_e
 def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str | None = None,
                    device: str | torch.device = "cpu", kernels: str = "auto", progress: bool | None = None,
                    quantize: str | None = None) -> MoEDecoder:
-    """Load a safetensors checkpoint folder within ``max_memory`` GiB (see the module doc): the
-    routed experts stay in the files and are read into an LRU cache when a layer routes to them.
-    ``model.offload_stats()`` reports hits, misses and bytes read."""
+    """Load a safetensors checkpoint folder or a GGUF file within ``max_memory`` GiB (see the module
+    doc): the routed experts stay in the files and are read into an LRU cache when a layer routes to
+    them. ``model.offload_stats()`` reports hits, misses and bytes read."""
     if not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool) or not max_memory > 0:
         raise MoekitError(f"max_memory={max_memory!r}: give the memory budget in GiB, a number > 0")
     if not sys.platform.startswith("linux"):
         raise MoekitError("expert offload (max_memory) needs Linux: the cache moves pages between experts with mremap")
-    if str(path).endswith(".gguf"):
-        raise MoekitError(f"{path}: expert offload reads safetensors checkpoint folders, not GGUF files")
     if quantize:
         raise MoekitError("max_memory with quantize: quantising at load time needs every expert in memory; write a "
                           "quantised checkpoint first (moekit quantize) and offload that")
     if torch.device(device).type != "cpu":
         raise MoekitError(f"max_memory on {device}: expert offload computes on the CPU for now")
-    folder = Path(path)
+    if str(path).endswith(".gguf"):
+        from moekit.weights.gguf_offload import gguf_sources
+
+        meta, dtype, reads = gguf_sources(Path(path), dtype, device, kernels)
+    else:
+        meta, dtype, reads = _safetensors_sources(Path(path), dtype, device, kernels)
+    return _offload(Path(path), meta, dtype, reads, max_memory, progress)
+
+
+def _safetensors_sources(folder: Path, dtype, device, kernels) -> tuple[MoEDecoder, torch.dtype, list]:
+    """The model on the meta device, its dtype, and [(Stored, (its moekit view name,))] for every tensor
+    of a folder's safetensors files (headers checked against the model)."""
     cfg, family, files, _ = read_config(folder)
     pickles = [f.name for f in files if f.suffix != ".safetensors"]
     if pickles:
@@ -142,13 +151,12 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
     meta = _on_meta(cfg, dtype, device, kernels)
     if quant:
         quantize_model(meta, quant, structure_only=True)
-    meta.to(dtype=dtype)  # the sizes below are those the weights will have
     table = NameMap(family.names(cfg))
-    views = {}
+    views, ours = {}, {}
     for name, view in meta.named_views().items():
         if table.to_hf(name) is None:
             raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
-        views[table.to_hf(name)] = view
+        views[table.to_hf(name)], ours[table.to_hf(name)] = view, name
     _check_headers(folder, files, {n: (tuple(v.shape), v.dtype) for n, v in views.items()})
     stored: dict[str, Stored] = {}
     for f in files:
@@ -159,8 +167,16 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
            f"{folder}: tensors that a {family.name} model with this config.json does not have")
     _raise([f"missing tensor {n!r}" for n in views if n not in stored],
            f"{folder}: tensors the config.json requires are absent")
+    return meta, dtype, [(stored[n], (ours[n],)) for n in views]
 
-    # what stays in memory, what each MoE layer's expert costs in the cache
+
+def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_memory: float,
+             progress: bool | None) -> MoEDecoder:
+    """Size the cache within the budget, allocate the resident weights, read them, and route every MoE
+    layer's experts through the cache. ``reads``: [(source, names of the views it fills)] (a source:
+    :class:`Stored` or :class:`moekit.weights.gguf_offload.GGUFSlice`)."""
+    meta.to(dtype=dtype)  # the sizes below are those the weights will have
+    cfg, views = meta.config, meta.named_views()
     moes = {b.layer: b.ffn for b in meta.layers if isinstance(b.ffn, MoE)}
     paged = {id(getattr(o, a)) for m in moes.values() for o, a in _stacks(m.experts)
              if _nbytes(getattr(o, a)) // cfg.moe.num_experts % PAGE == 0}
@@ -171,26 +187,29 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
     resident = sum(_nbytes(t) for t in (*meta.parameters(), *meta.buffers()) if id(t) not in expert_params)
     resident += sum(_nbytes(t) for m in moes.values() for t in (*m.experts.parameters(), *m.experts.buffers())
                     if id(t) not in paged)
-    offloaded_views = {n for n, v in views.items() if id(_root(v)) in paged}
-    converted = [stored[n].nbytes for n in offloaded_views if not stored[n].direct(views[n])]
-    scratch = max(converted, default=0)
+    offloaded = [i for i, (_, names) in enumerate(reads) if any(id(_root(views[n])) in paged for n in names)]
+    scratch = max((src.scratch(tuple(views[n] for n in names)) for src, names in map(reads.__getitem__, offloaded)),
+                  default=0)
     total = sum(per_expert.values()) * cfg.moe.num_experts
     need = max(sum(per_expert.values()) * cfg.moe.top_k, max(per_expert.values(), default=0) * cfg.moe.num_experts)
     budget = int(max_memory * GIB)
     working = min(WORKING, resident // 4)
     capacity = min(total, max(0, budget - resident - scratch - working) // PAGE * PAGE)
     if budget < resident + scratch + working or capacity < need:
-        raise _budget_error(folder, max_memory, resident + scratch + working, need, per_expert, cfg)
+        raise _budget_error(path, max_memory, resident + scratch + working, need, per_expert, cfg)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if resident + capacity > ram:
         raise MoekitError(f"max_memory={max_memory:g} GiB: the resident weights and expert cache would take "
                           f"{(resident + capacity) / GIB:.2f} GiB, more than this machine's {ram / GIB:.1f} GiB")
 
-    model, stacks = _materialize(meta, dtype, device, moes, paged)
+    model, stacks = _materialize(meta, dtype, moes, paged)
+    views = model.named_views()
     show = sys.stderr.isatty() if progress is None else progress
-    _read_resident(folder, model, table, stored, offloaded_views, show)
-    cache = ExpertCache(_experts(model, table, stored, stacks, offloaded_views), capacity)
-    cache.stats.resident_bytes, cache.stats.working_bytes = resident, working
+    skip = set(offloaded)
+    _read_resident(path, [r for i, r in enumerate(reads) if i not in skip], views, show)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the conversions' freed heap back before the cache takes its pages
+    cache = ExpertCache(_experts(stacks, [reads[i] for i in offloaded], views), capacity)
+    cache.stats.resident_bytes, cache.stats.working_bytes, cache.stats.buffer_bytes = resident, working, scratch
     weakref.finalize(model, cache.close)
     for layer in moes:  # every MoE layer's expert kernel goes through the cache
         ffn = model.layers[layer].ffn
@@ -209,14 +228,14 @@ def _root(view: torch.Tensor) -> torch.Tensor:
     return view if view._base is None else view._base
 
 
-def _materialize(meta: MoEDecoder, dtype, device, moes: dict, paged: set) -> tuple[MoEDecoder, dict]:
+def _materialize(meta: MoEDecoder, dtype: torch.dtype, moes: dict, paged: set) -> tuple[MoEDecoder, dict]:
     """Allocate the resident weights; paged expert stacks become page-less virtual memory.
     Returns the model and {layer: its paged stacks}."""
     experts = {}
     for layer, moe in moes.items():
         experts[layer] = moe.experts
         del moe.experts  # _allocate must not allocate (or zero-pad) them
-    model = _allocate(meta, dtype, device)
+    model = _allocate(meta, dtype, "cpu")
     stacks: dict[int, list[torch.Tensor]] = {}
     for layer, ex in experts.items():
         for owner, attr in _stacks(ex):
@@ -229,43 +248,45 @@ def _materialize(meta: MoEDecoder, dtype, device, moes: dict, paged: set) -> tup
     return model, stacks
 
 
-def _read_resident(folder: Path, model: MoEDecoder, table: NameMap, stored: dict, offloaded: set, show: bool) -> None:
-    views = {table.to_hf(n): v for n, v in model.named_views().items()}
-    todo = [n for n in views if n not in offloaded]
-    by_file: dict[Path, list[str]] = {}
-    for n in todo:
-        by_file.setdefault(stored[n].path, []).append(n)
+def _read_resident(path: Path, reads: list, views: dict, show: bool) -> None:
+    """Fill the resident weights from their sources, file by file; NaN / infinity is named."""
+    by_file: dict[Path, list] = {}
+    for source, names in reads:
+        by_file.setdefault(source.path, []).append((source, tuple(views[n] for n in names)))
     not_finite = []
-    with tqdm(total=sum(stored[n].nbytes for n in todo), desc=f"loading {folder.name} (experts on demand)",
+    with tqdm(total=sum(src.nbytes for src, _ in reads), desc=f"loading {path.name} (experts on demand)",
               unit="B", unit_scale=True, disable=not show) as bar:
-        for path, names in by_file.items():
-            fd = os.open(path, os.O_RDONLY)
+        for file, todo in by_file.items():
+            fd = os.open(file, os.O_RDONLY)
             try:
                 sums = []
-                for n in names:
-                    stored[n].read_into(fd, views[n])
-                    if views[n].is_floating_point():
-                        sums.append((n, stored[n].dtype, views[n].sum()))
-                    bar.update(stored[n].nbytes)
+                for source, vs in todo:
+                    source.fill(fd, vs)
+                    sums += [(source.name, v, v.sum()) for v in vs if v.is_floating_point()]  # while in cache
+                    bar.update(source.nbytes)
             finally:
                 os.close(fd)
             if sums and not bool(torch.isfinite(torch.stack([s.float() for _, _, s in sums])).all()):
-                not_finite += _non_finite(path, sums, views)
-    _raise(not_finite, f"{folder}: tensors with values that are not finite numbers")
+                not_finite += [f"{file.name}: tensor {name!r} has {int((~torch.isfinite(v)).sum())} NaN or infinite "
+                               f"value(s) of {v.numel()}" for name, v, _ in sums if not bool(torch.isfinite(v).all())]
+    _raise(not_finite, f"{path}: tensors with values that are not finite numbers")
 
 
-def _experts(model: MoEDecoder, table: NameMap, stored: dict, stacks: dict, offloaded: set) -> dict:
-    """(layer, expert) -> :class:`Expert`: its page ranges in the paged stacks and its tensors to read."""
+EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\..+")
+
+
+def _experts(stacks: dict, reads: list, views: dict) -> dict:
+    """(layer, expert) -> :class:`Expert`: its page ranges in the paged stacks and its sources to read."""
+    by_key: dict[tuple[int, int], list] = {}
+    for source, names in reads:
+        m = EXPERT.fullmatch(names[0])
+        by_key.setdefault((int(m[1]), int(m[2])), []).append((source, tuple(views[n] for n in names)))
     out = {}
-    for layer, paged in stacks.items():
-        reads: dict[int, list] = {}
-        for k, view in model.layers[layer].ffn.experts.views().items():
-            hf = table.to_hf(f"layers.{layer}.ffn.experts.{k}")
-            if hf in offloaded:
-                reads.setdefault(int(k.split(".", 1)[0]), []).append((stored[hf], view))
-        for e, rd in reads.items():
-            spans = [(t.data_ptr() + e * _nbytes(t[0]), _nbytes(t[0])) for t in paged]
-            out[(layer, e)] = Expert(spans, rd, sum(_nbytes(v) for _, v in rd) == sum(n for _, n in spans))
+    for (layer, e), rd in by_key.items():
+        spans = [(t.data_ptr() + e * _nbytes(t[0]), _nbytes(t[0])) for t in stacks[layer]]
+        own = {t.data_ptr() for t in stacks[layer]}
+        filled = sum(_nbytes(v) for _, vs in rd for v in vs if _root(v).data_ptr() in own)
+        out[(layer, e)] = Expert(spans, rd, filled == sum(n for _, n in spans))
     return out
 
 
