@@ -116,7 +116,7 @@ def gemv_rows(total_mb: int, threads: int) -> list[dict]:
             torch.set_num_threads(n)
             row[f"gbs_{n}"] = best_gbs(run, size * len(ws))
         rows.append(row)
-        del ws
+        ws.clear()  # free this format's copies before the next
     plain = torch.ones(total_mb * 2**20 // 4)
     read = {"format": "torch.sum (plain read)"}
     for n in sorted({1, threads}):

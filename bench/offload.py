@@ -63,13 +63,16 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     out: dict = {}
     if spec["kind"] == "runtime":  # what every load brings before any weight: the CPU kernels, a meta-device model
+        from moekit.weights.gguf_import import read_gguf_config
         from moekit.weights.load import _on_meta, read_config
 
         get_backend("auto", 10**9, "cpu", torch.bfloat16)
-        _on_meta(read_config(spec["model"])[0], torch.bfloat16, "cpu", "auto")
+        gguf = spec["model"].endswith(".gguf")
+        _on_meta(read_gguf_config(spec["model"]) if gguf else read_config(spec["model"])[0], torch.bfloat16, "cpu",
+                 "auto")
     if spec["kind"] == "load":
         if spec["cold"]:
-            for f in Path(spec["model"]).glob("*.safetensors"):
+            for f in weight_files(Path(spec["model"])):
                 fd = os.open(f, os.O_RDONLY)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
@@ -127,8 +130,13 @@ def ensure_model(arg: str | None) -> Path:
     return folder
 
 
-def warm_page_cache(folder: Path) -> None:
-    for f in folder.glob("*.safetensors"):
+def weight_files(model: Path) -> list[Path]:
+    """A GGUF file, or a checkpoint folder's safetensors files."""
+    return [model] if model.suffix == ".gguf" else sorted(model.glob("*.safetensors"))
+
+
+def warm_page_cache(model: Path) -> None:
+    for f in weight_files(model):
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
@@ -175,7 +183,8 @@ def table(title: str, results: dict[str, dict], idle: int, reference: str) -> li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help="checkpoint folder (default: bench-serve's mixtral-bf16, or one written here)")
+    ap.add_argument("--model", help="checkpoint folder or GGUF file (default: bench-serve's mixtral-bf16, or one "
+                                    "written here)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5, 0.65], help="max_memory values, GiB")
     ap.add_argument("--new", type=int, default=64, help="tokens to decode")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median tok/s)")
@@ -190,7 +199,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     folder = ensure_model(args.model)
-    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weight_files(folder))
     base = {"model": str(folder), "new": args.new, "threads": args.threads, "cold": False, "kind": "load"}
     configs = [("idle: import torch, moekit", {**base, "kind": "idle"}),
                ("runtime: + CPU kernels, a meta-device model", {**base, "kind": "runtime"}), ("in-memory", base)]
@@ -203,7 +212,8 @@ def main() -> None:
     idle = results[configs[1][0]]["peak_rss"]  # the runtime baseline the budget does not cover
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    head = (f"{folder}: {size / 2**30:.2f} GiB of safetensors; {args.new} tokens greedy, {args.threads} threads, "
+    kind = "GGUF" if folder.suffix == ".gguf" else "safetensors"
+    head = (f"{folder}: {size / 2**30:.2f} GiB of {kind}; {args.new} tokens greedy, {args.threads} threads, "
             f"median of {args.rounds} interleaved rounds; {cpu}; {datetime.date.today()}")
     lines = table(head, results, idle, "in-memory")
     trained = {}

@@ -73,7 +73,7 @@ def test_tokenizer_from_gguf_encodes_as_llama_cpp(which, converted):
 def test_q8_0_and_q4_0_read_as_moekit_int8_int4_bit_for_bit(kind):
     """A Q8_0 / Q4_0 block array is moekit's int8 / int4 QuantWeight with group 32 over the same bytes:
     its dequantisation equals gguf-py's exactly."""
-    from moekit.weights.gguf_import import tensor_value
+    from moekit.weights.gguf_tensors import tensor_value
 
     w = np.random.default_rng(0).standard_normal((3, 5, 96)).astype(np.float32)
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])

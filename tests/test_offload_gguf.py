@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import moekit
 from moekit.weights import CheckpointError

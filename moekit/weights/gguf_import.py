@@ -8,13 +8,10 @@ Four llama.cpp architectures map exactly onto a moekit family (the inverse of th
 - ``bailingmoe``: XVERSE-MoE (its export target; the shared experts are one MLP, ``expert_weights_norm``).
 
 The metadata becomes the family's Hugging Face config (``to_config``), so the model is the
-one the family's own checkpoint would give. GGUF dims are reversed against numpy, which
-gguf-py's reader already undoes; ``llama``, ``deepseek`` and ``bailingmoe`` store the Q/K rows
-permuted for llama.cpp's rotary layout, which is undone here. F32/F16/BF16 tensors are copied.
-Q8_0 and Q4_0 blocks are moekit's int8/int4 :class:`QuantWeight` layouts with group 32 (same
-bytes): a file whose quantisable matrices are all of one of them loads as a quantised model
-(:func:`kept_quantised`); otherwise they are dequantised, as every other type is (by gguf-py).
-The file is memory-mapped and nothing in it is executed (:mod:`moekit.weights.gguf_file`). The
+one the family's own checkpoint would give. A file whose quantisable matrices are all Q8_0 or all
+Q4_0 loads as an int8 / int4 model holding the file's blocks (:func:`kept_quantised`); otherwise
+every weight is dequantised. How each tensor is read and converted: :mod:`moekit.weights.gguf_tensors`.
+gguf-py parses the header (:mod:`moekit.weights.gguf_file`); nothing in a file is executed. The
 tokenizer and chat template: :mod:`moekit.weights.gguf_tokenizer`.
 """
 
@@ -22,23 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from moekit.config import ConfigError, ModelConfig
 from moekit.families import NameMap, get_family
 from moekit.families.base import SCALE
-from moekit.kernels.weights import QuantWeight
 from moekit.models import MoEDecoder
 from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights.gguf_file import Metadata, open_gguf
+from moekit.weights.gguf_tensors import GGUFSlice
 from moekit.weights.io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -184,58 +180,6 @@ def _config(meta: Metadata, tensors: dict) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- tensors
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # the memory map is read-only; it is only ever read
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(a)
-
-
-def copy_blocks(raw: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
-    """Q8_0 / Q4_0 blocks (bytes [..., N, K / 32 * block]) into moekit's int8 / int4 ``data`` [..., N, K]
-    (int4: [..., N, K / 2]) and ``scale`` [..., N, K / 32]: each 32-column block is a float16 scale then
-    32 int8 values (Q8_0) or 16 bytes of nibbles, column j low and j + 16 high, stored as q + 8 (Q4_0) --
-    moekit's layouts with group 32, the same bytes."""
-    blocks = raw.reshape(*scale.shape, -1)  # [.., N, G, bytes]
-    scale.copy_(blocks[..., :2].view(torch.float16).squeeze(-1))
-    data.view(*scale.shape, -1).copy_(blocks[..., 2:].view(data.dtype))
-
-
-def quant_weight(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> QuantWeight:
-    """A Q8_0 / Q4_0 block array as moekit's int8 / int4 weight (:func:`copy_blocks`)."""
-    w = QuantWeight("int8" if kind == "Q8_0" else "int4", shape, 32, device="meta")
-    w.data, w.scale = torch.empty_like(w.data, device="cpu"), torch.empty_like(w.scale, device="cpu")
-    copy_blocks(_from_numpy(raw), w.data, w.scale)
-    return w
-
-
-def tensor_value(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> torch.Tensor | QuantWeight:
-    """One GGUF matrix (or vector) as a torch tensor over the mapped bytes, or a QuantWeight."""
-    if kind in ("F32", "F16"):
-        return _from_numpy(raw).reshape(shape)
-    if kind == "BF16":  # gguf-py gives the raw bytes
-        return _from_numpy(raw).view(torch.bfloat16).reshape(shape)
-    if kind in ("Q8_0", "Q4_0") and len(shape) >= 2 and shape[-1] % 32 == 0:
-        return quant_weight(raw, kind, shape)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(dequantize(np.asarray(raw), GGMLQuantizationType[kind])).reshape(shape)
-
-
-def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows [heads * A, ...] from llama.cpp's rotary order (pairs interleaved) back to Hugging Face's
-    (halves): the inverse of convert_hf_to_gguf.py's LlamaModel.permute."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _unpermute_value(v, heads: int):
-    if isinstance(v, QuantWeight):  # quantisation is along rows: permuting rows permutes data and scales alike
-        out = QuantWeight(v.format, v.shape, v.group, device="meta")
-        out.data, out.scale = unpermute(v.data, heads), unpermute(v.scale, heads)
-        return out
-    return unpermute(v, heads)
-
-
 def _sources(model_views: dict, tensors: dict, path: Path) -> dict[str, list[tuple[str, int | None]]]:
     """GGUF tensor name -> [(moekit view name, index into its leading dim or None)]."""
     table, out = NameMap(GGUF_NAMES), {}
@@ -248,18 +192,6 @@ def _sources(model_views: dict, tensors: dict, path: Path) -> dict[str, list[tup
             g, index = f"blk.{m[1]}.ffn_{m[2]}_exps.weight", int(m[3])
         out.setdefault(g, []).append((name, index))
     return out
-
-
-def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> torch.Tensor:
-    """Copy one GGUF matrix into the model; returns the view that holds its values (the scales when quantised).
-
-    A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight byte for byte (``view`` its data,
-    ``scale`` its scales) and is dequantised into a floating-point one (``scale`` None).
-    """
-    if scale is not None:
-        view.copy_(value.data)
-        return scale.copy_(value.scale)
-    return view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
 
 
 def kept_quantised(cfg: ModelConfig, sources: dict, tensors: dict) -> QuantConfig | None:
@@ -315,6 +247,22 @@ class Plan:
         part = g.split(".")[-2]
         return {"attn_q": self.cfg.num_heads, "attn_k": self.cfg.num_kv_heads}.get(part, 0) if self.permuted else 0
 
+    def reads(self, names) -> list[tuple[GGUFSlice, tuple[str, ...]]]:
+        """[(slice, names of the views it fills)] for every tensor, each expert of a stacked one its own
+        slice; ``names``: the model's view names (a kept quantised matrix fills its data and scales)."""
+        out = []
+        for g, targets in self.sources.items():
+            t = self.tensors[g]
+            kind, shape = t.tensor_type.name, _shape(t)
+            for name, index in targets:
+                fills = (name, name + SCALE) if name + SCALE in names else (name,)
+                if index is None:
+                    out.append((GGUFSlice(self.path, g, t.data_offset, t.n_bytes, kind, shape, self.heads(g)), fills))
+                else:
+                    each = t.n_bytes // shape[0]
+                    out.append((GGUFSlice(self.path, g, t.data_offset + index * each, each, kind, shape[1:]), fills))
+        return out
+
 
 def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None) -> Plan:
     """Read a GGUF file's metadata and tensor table and check them against the model they describe:
@@ -366,20 +314,21 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
                               f"load it without quantize=")
     model = _allocate(plan.on_meta(device, kernels), plan.dtype, device)
     views = model.named_views()
+    reads = plan.reads(views)
+    buffer = torch.empty(max(s.nbytes for s, _ in reads), dtype=torch.uint8)  # one, reused: no heap churn
     bad = []
     show = sys.stderr.isatty() if progress is None else progress
-    with torch.no_grad():
-        for g, targets in tqdm(plan.sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not show):
-            t = plan.tensors[g]
-            kind, shape = t.tensor_type.name, _shape(t)
-            for name, index in targets:
-                raw = t.data if index is None else t.data[index]
-                value = tensor_value(raw, kind, shape if index is None else shape[1:])
-                if heads := plan.heads(g):
-                    value = _unpermute_value(value, heads)
-                stored = store(views[name], views.get(name + SCALE), value)
-                if not bool(torch.isfinite(stored.sum())) and not bool(torch.isfinite(stored).all()):
-                    bad.append(f"tensor {g!r} has NaN or infinite values")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for source, names in tqdm(reads, desc=f"loading {path.name}", unit="tensor", disable=not show):
+            filled = tuple(views[n] for n in names)
+            source.fill(fd, filled, buffer=buffer)
+            v = filled[-1]  # the weight, or a quantised one's scales
+            if v.is_floating_point() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
+                bad.append(f"tensor {source.name!r} has NaN or infinite values")
+    finally:
+        os.close(fd)
+    del buffer
     if bad:
         raise CheckpointError(f"{path}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     if wanted:

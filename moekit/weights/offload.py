@@ -10,12 +10,18 @@ gives the experts an LRU cache (moekit/weights/expert_cache.py) sized so that
   paged per expert: tiny models, per-channel int8 scales);
 - expert cache: a pool of pages allocated once, at least top_k experts per MoE layer (and a
   whole layer's experts, so that any prompt's experts fit at once);
-- read buffer: only when expert tensors are converted on the way in (another dtype on disk);
+- read buffer: only when expert tensors are converted on the way in (another dtype on disk, GGUF
+  blocks);
 - working memory: a quarter of the resident weights, at most WORKING bytes, kept free for the KV cache and
   activations of decoding (measured: 7-22 MiB for a 64-token decode of the 742M bench model).
 
 Not counted: the Python and PyTorch runtime (docs/quantization.md, "Expert offload", has the
 measured figures).
+
+The checkpoint is a list of sources, each filling one or more of the model's views: a safetensors
+folder's tensors (:class:`Stored`, here) or a GGUF file's tensors and expert slices
+(:class:`moekit.weights.gguf_tensors.GGUFSlice`). A source has ``path``, ``name``, ``nbytes``,
+``fill(fd, views)`` and ``scratch(views)`` (the buffer a fill takes).
 """
 
 from __future__ import annotations
@@ -129,9 +135,11 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
     if torch.device(device).type != "cpu":
         raise MoekitError(f"max_memory on {device}: expert offload computes on the CPU for now")
     if str(path).endswith(".gguf"):
-        from moekit.weights.gguf_offload import gguf_sources
+        from moekit.weights.gguf_import import plan_gguf
 
-        meta, dtype, reads = gguf_sources(Path(path), dtype, device, kernels)
+        plan = plan_gguf(path, dtype)
+        meta, dtype = plan.on_meta(device, kernels), plan.dtype
+        reads = plan.reads(meta.named_views())
     else:
         meta, dtype, reads = _safetensors_sources(Path(path), dtype, device, kernels)
     return _offload(Path(path), meta, dtype, reads, max_memory, progress)
@@ -174,7 +182,7 @@ def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_
              progress: bool | None) -> MoEDecoder:
     """Size the cache within the budget, allocate the resident weights, read them, and route every MoE
     layer's experts through the cache. ``reads``: [(source, names of the views it fills)] (a source:
-    :class:`Stored` or :class:`moekit.weights.gguf_offload.GGUFSlice`)."""
+    :class:`Stored` or :class:`moekit.weights.gguf_tensors.GGUFSlice`)."""
     meta.to(dtype=dtype)  # the sizes below are those the weights will have
     cfg, views = meta.config, meta.named_views()
     moes = {b.layer: b.ffn for b in meta.layers if isinstance(b.ffn, MoE)}

@@ -1,0 +1,163 @@
+"""GGUF tensors as moekit weights: the byte layouts, and :class:`GGUFSlice`, which reads one tensor (or
+one expert of a stacked one) from its byte range in the file into the model.
+
+GGUF dims are reversed against numpy (gguf-py's reader undoes that). F32 / F16 / BF16 are copied;
+Q8_0 and Q4_0 blocks are moekit's int8 / int4 :class:`QuantWeight` layouts with group 32 (the same
+bytes, :func:`copy_blocks`); every other type is dequantised by gguf-py. ``llama``, ``deepseek`` and
+``bailingmoe`` store the Q/K rows permuted for llama.cpp's rotary layout (:func:`unpermute`).
+
+Reads are ``preadv`` calls at the tensor's offset, not a memory map: the mapped pages of a file
+count in the process's resident set while mapped, so loading through the map took the file's size
+on top of the model's (measured: 940 MiB above the runtime for a 421 MiB Q4_0 file, against the
+model plus one tensor's bytes now). The model load (:func:`moekit.weights.gguf_import.load_gguf`) and
+expert offload (:mod:`moekit.weights.offload`) use the same reads:
+
+- F32 / F16 / BF16 into a CPU view of the same dtype: straight into the model's memory;
+- Q8_0 / Q4_0 the model keeps: through a buffer of the bytes, split into data and scales;
+- anything else: through that buffer, converted; dequantised types in pieces of rows, so the
+  float32 temporaries stay near :data:`PIECE` bytes whatever the tensor's size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moekit.kernels.weights import QuantWeight
+from moekit.weights.expert_cache import pread_exact, read_buffer
+
+FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+NUMPY = {"F32": np.float32, "F16": np.float16}  # gguf-py's array types (BF16 and blocks: raw bytes)
+PIECE = 4 << 20  # float32 bytes of one dequantised piece
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # the memory map is read-only; it is only ever read
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(a)
+
+
+def copy_blocks(raw: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    """Q8_0 / Q4_0 blocks (bytes [..., N, K / 32 * block]) into moekit's int8 / int4 ``data`` [..., N, K]
+    (int4: [..., N, K / 2]) and ``scale`` [..., N, K / 32]: each 32-column block is a float16 scale then
+    32 int8 values (Q8_0) or 16 bytes of nibbles, column j low and j + 16 high, stored as q + 8 (Q4_0) --
+    moekit's layouts with group 32, the same bytes."""
+    blocks = raw.reshape(*scale.shape, -1)  # [.., N, G, bytes]
+    scale.copy_(blocks[..., :2].view(torch.float16).squeeze(-1))
+    data.view(*scale.shape, -1).copy_(blocks[..., 2:].view(data.dtype))
+
+
+def quant_weight(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> QuantWeight:
+    """A Q8_0 / Q4_0 block array as moekit's int8 / int4 weight (:func:`copy_blocks`)."""
+    w = QuantWeight("int8" if kind == "Q8_0" else "int4", shape, 32, device="meta")
+    w.data, w.scale = torch.empty_like(w.data, device="cpu"), torch.empty_like(w.scale, device="cpu")
+    copy_blocks(_from_numpy(raw), w.data, w.scale)
+    return w
+
+
+def tensor_value(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> torch.Tensor | QuantWeight:
+    """One GGUF matrix (or vector) as a torch tensor over the mapped bytes, or a QuantWeight."""
+    if kind in ("F32", "F16"):
+        return _from_numpy(raw).reshape(shape)
+    if kind == "BF16":  # gguf-py gives the raw bytes
+        return _from_numpy(raw).view(torch.bfloat16).reshape(shape)
+    if kind in ("Q8_0", "Q4_0") and len(shape) >= 2 and shape[-1] % 32 == 0:
+        return quant_weight(raw, kind, shape)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(np.asarray(raw), GGMLQuantizationType[kind])).reshape(shape)
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows [heads * A, ...] from llama.cpp's rotary order (pairs interleaved) back to Hugging Face's
+    (halves): the inverse of convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _unpermute_value(v, heads: int):
+    if isinstance(v, QuantWeight):  # quantisation is along rows: permuting rows permutes data and scales alike
+        out = QuantWeight(v.format, v.shape, v.group, device="meta")
+        out.data, out.scale = unpermute(v.data, heads), unpermute(v.scale, heads)
+        return out
+    return unpermute(v, heads)
+
+
+def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> torch.Tensor:
+    """Copy one GGUF matrix into the model; returns the view that holds its values (the scales when quantised).
+
+    A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight byte for byte (``view`` its data,
+    ``scale`` its scales) and is dequantised into a floating-point one (``scale`` None).
+    """
+    if scale is not None:
+        view.copy_(value.data)
+        return scale.copy_(value.scale)
+    return view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
+
+
+@dataclass(frozen=True)
+class GGUFSlice:
+    """One GGUF tensor, or one expert of a stacked one: file, absolute byte offset and size, GGML
+    type, logical shape, and the head count whose Q/K rows to unpermute (0: none)."""
+
+    path: Path
+    name: str
+    offset: int
+    nbytes: int
+    kind: str
+    shape: tuple[int, ...]
+    heads: int = 0
+
+    def direct(self, views: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the bytes can be read straight into the one view (same dtype, contiguous, in order; in
+        CPU memory, or a meta-device view that will be)."""
+        v = views[0]
+        return (len(views) == 1 and not self.heads and FLOAT.get(self.kind) == v.dtype and v.is_contiguous()
+                and v.numel() * v.element_size() == self.nbytes and v.device.type in ("cpu", "meta"))
+
+    def scratch(self, views: tuple[torch.Tensor, ...]) -> int:
+        """Bytes a read takes beyond its views: the file's bytes, and for a dequantised type the
+        float32 values of a piece of rows and gguf-py's temporaries for it."""
+        if self.direct(views):
+            return 0
+        if self.kind in FLOAT or len(views) == 2 or self.heads:
+            return self.nbytes + (8 * math.prod(self.shape) if self.heads else 0)
+        return self.nbytes + 4 * min(PIECE, 4 * math.prod(self.shape))
+
+    def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
+             buffer: torch.Tensor | None = None) -> None:
+        """Read the slice and write it into ``views``: (weight,) or, kept quantised, (data, scales);
+        through ``buffer`` (uint8, at least ``nbytes``; else a temporary one) unless read in place."""
+        if self.direct(views):
+            pread_exact(fd, views[0].data_ptr(), self.nbytes, self.offset, self.path, self.name)
+        else:
+            buf = read_buffer(buffer, self.nbytes)
+            pread_exact(fd, buf.data_ptr(), self.nbytes, self.offset, self.path, self.name)
+            with torch.no_grad():
+                if len(views) == 2 and not self.heads:  # kept Q8_0 / Q4_0: straight into data and scales
+                    copy_blocks(buf, *views)
+                elif self.kind in FLOAT or self.heads:
+                    value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape)
+                    store(views[0], views[1] if len(views) == 2 else None,
+                          _unpermute_value(value, self.heads) if self.heads else value)
+                else:  # dequantised a piece of rows at a time
+                    raw, K = self._raw(buf.numpy()), self.shape[-1]
+                    out, step = views[0].view(len(raw), K), max(1, PIECE // (4 * K))
+                    for r in range(0, len(raw), step):
+                        piece = raw[r:r + step]
+                        store(out[r:r + len(piece)], None, tensor_value(piece, self.kind, (len(piece), K)))
+        if drop_page_cache:
+            os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _raw(self, buf: np.ndarray) -> np.ndarray:
+        """The bytes as gguf-py's reader gives them: typed for F32 / F16, else rows of bytes."""
+        if self.kind in NUMPY:
+            return buf.view(NUMPY[self.kind])
+        rows = math.prod(self.shape[:-1])
+        return buf.reshape(rows, self.nbytes // rows)
