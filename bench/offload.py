@@ -9,8 +9,9 @@ here with random weights. Every measurement is a fresh subprocess, so its peak R
 (``ru_maxrss``) is its own:
 
 - idle: ``import torch, moekit``, nothing else;
-- runtime: idle plus what every load sets up before reading a weight (the CPU kernels, the model
-  built on the meta device): the baseline ``max_memory`` does not cover; "-runtime" is a run's
+- runtime: idle plus what every load sets up before reading a weight (the CPU kernels, the
+  checkpoint's header read and checked against the model built on the meta device: the loader's
+  own first step): the baseline ``max_memory`` does not cover; "-runtime" is a run's
   peak RSS less this, to set against "weights" (resident + expert cache, or the whole model)
   and the budget; what remains is the KV cache, activations and the allocator's slack;
 - in-memory: ``moekit.load(folder)``;
@@ -62,14 +63,23 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     out: dict = {}
-    if spec["kind"] == "runtime":  # what every load brings before any weight: the CPU kernels, a meta-device model
-        from moekit.weights.gguf_import import read_gguf_config
-        from moekit.weights.load import _on_meta, read_config
+    if spec["kind"] == "runtime":  # what every load brings before any weight: the CPU kernels, the checkpoint's
+        # header read and checked against the model built on the meta device (the loader's own first step)
+        from moekit.weights.gguf_import import plan_gguf
+        from moekit.weights.offload import _safetensors_sources
 
         get_backend("auto", 10**9, "cpu", torch.bfloat16)
-        gguf = spec["model"].endswith(".gguf")
-        _on_meta(read_gguf_config(spec["model"]) if gguf else read_config(spec["model"])[0], torch.bfloat16, "cpu",
-                 "auto")
+        if spec["model"].endswith(".gguf"):
+            plan = plan_gguf(spec["model"])
+            meta = plan.on_meta("cpu", "auto")
+            kept = meta, plan.reads(meta.named_views())
+        else:
+            kept = _safetensors_sources(Path(spec["model"]), None, "cpu", "auto")
+        # RSS with these alive, not the peak: parsing a GGUF header (its vocabulary) is transient
+        with open("/proc/self/status") as f:
+            out["peak_rss"] = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
+        del kept
+        return out
     if spec["kind"] == "load":
         if spec["cold"]:
             for f in weight_files(Path(spec["model"])):
@@ -202,7 +212,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in weight_files(folder))
     base = {"model": str(folder), "new": args.new, "threads": args.threads, "cold": False, "kind": "load"}
     configs = [("idle: import torch, moekit", {**base, "kind": "idle"}),
-               ("runtime: + CPU kernels, a meta-device model", {**base, "kind": "runtime"}), ("in-memory", base)]
+               ("runtime: + CPU kernels, header, meta model", {**base, "kind": "runtime"}), ("in-memory", base)]
     for b in args.budgets:
         for cold in ([False, True] if b in args.cold else [False]):
             configs.append((f"offload {b:g} GiB" + (", cold" if cold else ""), {**base, "budget": b, "cold": cold}))
