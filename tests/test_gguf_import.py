@@ -13,11 +13,13 @@ from tests.ggufconv import (
     TEMPLATE,
     TEXTS,
     assert_kept,
+    checkpoint,
     convert,
     greedy,
     rewrite,
     rounded_reference,
     same_generation,
+    tiny,
 )
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is a moekit dependency (pip install -e .)")
@@ -58,6 +60,54 @@ def test_mixtral_q4_0_quantised_by_llama_cpp_keeps_its_int4_blocks(converter, mi
     same_generation(mixtral, file, 1e-5, ref=rounded_reference(mixtral, file, "Q4_0"))
 
 
+def llama_cpp_logits(file, ids: list[int]) -> np.ndarray:
+    """llama.cpp's own logits for every position of ``ids`` (llama-cpp-python, float32 KV cache, 1 thread)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
+    llm = llama_cpp.Llama(str(file), logits_all=True, n_ctx=64, n_threads=1, type_k=0, type_v=0, flash_attn=False,
+                          verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M"])
+def test_apus_release_types_from_llama_cpps_quantizer(converter, tmp_path_factory, ftype):
+    """Three of the types APUS-xDAN-4.0-MoE is published in (Q2_K, Q3_K_M, Q4_K_M; its IQ3_XXS needs an
+    importance matrix, which llama-cpp-python cannot give the quantizer), written by llama.cpp's own quantizer
+    from its converter's F16 file of a Mixtral-layout checkpoint (APUS's): moekit dequantises every block
+    through gguf-py and computes what llama.cpp computes on the same file. llama.cpp multiplies these blocks
+    with activations rounded to 8 bits (Q8_K), so the logits differ by about 3% here (2.2% for a Q8_0 file,
+    whose blocks moekit reads exactly), a small part of what the quantisation itself changed (38-88%):
+    both read the same weights."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
+    root = tmp_path_factory.getbasetemp() / "apus"
+    folder = root / "apus"
+    if not folder.exists():  # K-quant rows are 256 values: every matrix dimension a multiple of 256
+        checkpoint(folder, tiny("mixtral", architectures=["MixtralForCausalLM"], vocab_size=512, hidden_size=256,
+                                intermediate_size=256, num_local_experts=4, num_experts_per_tok=2), "sp", seed=4)
+    f16, file = convert(converter, folder, "f16"), root / f"apus-{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(file).encode(), params) == 0
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(file).tensors if "_exps" in t.name}
+    assert ftype.split("_M")[0] in kinds, kinds
+    model = moekit.load(file, dtype=torch.float32)
+    assert model.quant is None
+    ids = moekit.Tokenizer.from_pretrained(file).encode("The quick brown fox jumps over the lazy dog")[:24]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+        unquantised = moekit.load(f16, dtype=torch.float32)(torch.tensor([ids]))[0].numpy()
+    got = llama_cpp_logits(file, ids)
+
+    def rel(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert rel(got, want) < 5e-2 and rel(got, want) < rel(want, unquantised) / 5
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
 def test_deepseek_converted_by_llama_cpp_generates_the_same(converted):
     """DeepSeek-MoE v1 -> `deepseek`: a leading dense layer, 2 shared experts as one MLP, top-3 of 8 not
     renormalised."""
@@ -84,18 +134,11 @@ def test_bailingmoe_loads_as_xverse_moe(converted):
 def test_logits_equal_llama_cpps_on_the_same_file(arch, converted):
     """moekit and llama.cpp itself (llama-cpp-python, float32 KV cache) on the same f32 GGUF: the same logits
     for every position of a 24-token prompt -- the import reads each architecture's math as llama.cpp does."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
     file = converted(arch)[1]
     ids = list(range(1, 25))
     with torch.no_grad():
         want = moekit.load(file, dtype=torch.float32)(torch.tensor([ids]))[0].numpy()
-    llm = llama_cpp.Llama(str(file), logits_all=True, n_ctx=64, n_threads=1, type_k=0, type_v=0, flash_attn=False,
-                          verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(file, ids)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 

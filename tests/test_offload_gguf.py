@@ -13,7 +13,7 @@ import moekit
 from moekit.weights import CheckpointError
 from moekit.weights.gguf_export import export_checkpoint
 from tests.familyref.checkpoints import make_checkpoint
-from tests.ggufconv import converter, convert, mixtral  # noqa: F401 (fixtures)
+from tests.ggufconv import convert
 from tests.offloadfix import assert_same_as_in_memory, tight_budget
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is a moekit dependency (pip install -e .)")
@@ -56,7 +56,7 @@ def test_offloaded_gguf_equals_in_memory(case, qtype, exported, input_ids):
     assert (buffered == 0) == (qtype == "bf16")  # read in place only when the file's dtype is the model's
 
 
-def test_llama_cpp_converted_file_offloads_and_generates(converter, mixtral, input_ids):  # noqa: F811
+def test_llama_cpp_converted_file_offloads_and_generates(converter, mixtral, input_ids):
     """The f32 file of llama.cpp's converter (Q/K rows permuted, experts stacked): offloaded, the same tokens
     and logits; the command line generates the in-memory text with it and reports the cache."""
     file = convert(converter, mixtral, "f32")
