@@ -72,6 +72,24 @@ def llama_cpp_logits(file, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
+def apus_file(converter, tmp_path_factory, ftype: str):
+    """A Mixtral-layout (APUS) checkpoint, converted to F16 by llama.cpp's converter ("f16"), then quantised to
+    ``ftype`` by llama.cpp's quantizer; built once per session."""
+    root = tmp_path_factory.getbasetemp() / "apus"
+    folder = root / "apus"
+    if not folder.exists():  # K-quant rows are 256 values: every matrix dimension a multiple of 256
+        checkpoint(folder, tiny("mixtral", architectures=["MixtralForCausalLM"], vocab_size=512, hidden_size=256,
+                                intermediate_size=256, num_local_experts=4, num_experts_per_tok=2), "sp", seed=4)
+    f16, file = convert(converter, folder, "f16"), root / f"apus-{ftype}.gguf"
+    if ftype == "f16" or file.exists():
+        return f16 if ftype == "f16" else file
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(file).encode(), params) == 0
+    return file
+
+
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M"])
 def test_apus_release_types_from_llama_cpps_quantizer(converter, tmp_path_factory, ftype):
     """Three of the types APUS-xDAN-4.0-MoE is published in (Q2_K, Q3_K_M, Q4_K_M; its IQ3_XXS needs an
@@ -81,16 +99,7 @@ def test_apus_release_types_from_llama_cpps_quantizer(converter, tmp_path_factor
     with activations rounded to 8 bits (Q8_K), so the logits differ by about 3% here (2.2% for a Q8_0 file,
     whose blocks moekit reads exactly), a small part of what the quantisation itself changed (38-88%):
     both read the same weights."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
-    root = tmp_path_factory.getbasetemp() / "apus"
-    folder = root / "apus"
-    if not folder.exists():  # K-quant rows are 256 values: every matrix dimension a multiple of 256
-        checkpoint(folder, tiny("mixtral", architectures=["MixtralForCausalLM"], vocab_size=512, hidden_size=256,
-                                intermediate_size=256, num_local_experts=4, num_experts_per_tok=2), "sp", seed=4)
-    f16, file = convert(converter, folder, "f16"), root / f"apus-{ftype}.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(file).encode(), params) == 0
+    file, f16 = apus_file(converter, tmp_path_factory, ftype), apus_file(converter, tmp_path_factory, "f16")
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(file).tensors if "_exps" in t.name}
     assert ftype.split("_M")[0] in kinds, kinds
     model = moekit.load(file, dtype=torch.float32)
@@ -106,6 +115,32 @@ def test_apus_release_types_from_llama_cpps_quantizer(converter, tmp_path_factor
 
     assert rel(got, want) < 5e-2 and rel(got, want) < rel(want, unquantised) / 5
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("source, quantize, group", [("f16", "int4", None), ("f16", "int8", None),
+                                                      ("Q4_K_M", "int4", 32), ("Q4_K_M", "int8", 64)])
+def test_quantize_as_read_equals_quantize_after(converter, tmp_path_factory, source, quantize, group):
+    """``moekit.load(file, quantize=...)`` quantises each matrix as it is read, a piece of rows at a time (peak
+    memory: the quantised model); the result equals loading in float32, then quantising the whole model."""
+    from moekit.kernels.weights import QuantWeight
+    from moekit.models.quantize import QuantConfig, quantize_model
+
+    file = apus_file(converter, tmp_path_factory, source)
+    got = moekit.load(file, dtype=torch.float32, quantize=quantize, group=group, kernels="reference")
+    want = moekit.load(file, dtype=torch.float32, kernels="reference")
+    quantize_model(want, QuantConfig.of(quantize, group))
+    assert got.quant == want.quant
+    mods = dict(want.named_modules())
+    checked = 0
+    for name, m in got.named_modules():
+        if isinstance(m, QuantWeight):
+            assert isinstance(mods[name], QuantWeight) and torch.equal(m.values(), mods[name].values()), name
+            assert torch.equal(m.scale, mods[name].scale), name
+            checked += 1
+    assert checked >= 9  # attention, experts and the LM head of both layers
+    ids = torch.tensor([list(range(1, 20))])
+    with torch.no_grad():
+        assert torch.equal(got(ids), want(ids))
 
 
 def test_deepseek_converted_by_llama_cpp_generates_the_same(converted):

@@ -34,7 +34,7 @@ from moekit.families.base import SCALE
 from moekit.models import MoEDecoder
 from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights.gguf_file import Metadata, open_gguf
-from moekit.weights.gguf_tensors import GGUFSlice
+from moekit.weights.gguf_tensors import FLOAT, GGUFSlice
 from moekit.weights.io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class Plan:
     dtype: torch.dtype
     tensors: dict  # GGUF name -> gguf-py ReaderTensor (memory-mapped)
     sources: dict  # GGUF name -> [(moekit view name, index into its leading dim or None)]
-    quant: QuantConfig | None  # the file's Q8_0 / Q4_0 matrices kept as int8 / int4
+    quant: QuantConfig | None  # int8 / int4 matrices: the file's Q8_0 / Q4_0 kept, or quantize=
     permuted: bool  # Q/K rows in llama.cpp's rotary order
 
     def on_meta(self, device, kernels: str) -> MoEDecoder:
@@ -264,10 +264,15 @@ class Plan:
         return out
 
 
-def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None) -> Plan:
+def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None, quantize: str | None = None,
+              group: int | None = None) -> Plan:
     """Read a GGUF file's metadata and tensor table and check them against the model they describe:
-    missing, unexpected or mis-shaped tensors are named."""
+    missing, unexpected or mis-shaped tensors are named. ``quantize`` / ``group``: the model's matrices
+    int8 / int4 (:meth:`QuantConfig.of`), each quantised as it is read; refused for a file whose
+    matrices are kept as they are (all Q8_0 or all Q4_0)."""
     from moekit.weights.load import as_dtype
+
+    wanted = QuantConfig.of(quantize, group) if quantize else None  # a ConfigError names the bad argument
 
     path = Path(path)
     reader = open_gguf(path)
@@ -290,8 +295,14 @@ def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None) -> Plan:
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(f"{path}: {problems[0]}{more}")
-    return Plan(path, cfg, dtype, tensors, sources, kept_quantised(cfg, sources, tensors),
-                meta.get("general.architecture") in PERMUTED)
+    kept = kept_quantised(cfg, sources, tensors)
+    if kept and wanted:
+        raise CheckpointError(f"{path}: already quantised ({kept.format} from GGUF {QUANT_KIND[kept.format]}); "
+                              f"load it without quantize=")
+    if not kept and not wanted and (lossy := sorted({t.tensor_type.name for t in tensors.values()} - set(FLOAT))):
+        log.info("%s: %s matrices are dequantised to %s; quantize='int4' (or 'int8') keeps the model near the "
+                 "file's size", path.name, ", ".join(lossy), str(dtype).removeprefix("torch."))
+    return Plan(path, cfg, dtype, tensors, sources, kept or wanted, meta.get("general.architecture") in PERMUTED)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
@@ -301,17 +312,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
 
     dtype: the compute dtype; None is float32 for an all-F32 file and bfloat16 otherwise. A Q8_0 /
     Q4_0 file keeps its matrices as int8 / int4 (:func:`kept_quantised`); ``quantize`` / ``group``
-    quantise a floating-point one after loading, as :func:`moekit.load` does. Raises
+    quantise any other file's matrices as they are read (a K-quant file's too: peak memory is the
+    quantised model, not the dequantised one), as :func:`moekit.load` quantises a checkpoint. Raises
     :class:`CheckpointError` naming the file and the key or tensor for an unsupported
     architecture, a truncated file, missing, unexpected or mis-shaped tensors.
     """
     from moekit.weights.load import _allocate
 
-    plan = plan_gguf(path, dtype)
-    path, quant, wanted = plan.path, plan.quant, QuantConfig.of(quantize, group) if quantize else None
-    if quant and wanted:
-        raise CheckpointError(f"{path}: already quantised ({quant.format} from GGUF {QUANT_KIND[quant.format]}); "
-                              f"load it without quantize=")
+    plan = plan_gguf(path, dtype, quantize, group)
+    path = plan.path
     model = _allocate(plan.on_meta(device, kernels), plan.dtype, device)
     views = model.named_views()
     reads = plan.reads(views)
@@ -331,8 +340,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     del buffer
     if bad:
         raise CheckpointError(f"{path}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    if wanted:
-        quantize_model(model, wanted, progress=show)
     model.kernels.prepare_weights(model)
     for line in model.kernels.describe():
         log.info(line)

@@ -14,8 +14,9 @@ expert offload (:mod:`moekit.weights.offload`) use the same reads:
 
 - F32 / F16 / BF16 into a CPU view of the same dtype: straight into the model's memory;
 - Q8_0 / Q4_0 the model keeps: through a buffer of the bytes, split into data and scales;
-- anything else: through that buffer, converted; dequantised types in pieces of rows, so the
-  float32 temporaries stay near :data:`PIECE` bytes whatever the tensor's size.
+- anything else: through that buffer, converted in pieces of rows (dequantised by gguf-py, and
+  quantised again when the model's matrix is int8 / int4 in another format or group: loading with
+  ``quantize=``), so the float32 temporaries stay near :data:`PIECE` bytes whatever the tensor's size.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from moekit.weights.expert_cache import pread_exact, read_buffer
 FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NUMPY = {"F32": np.float32, "F16": np.float16}  # gguf-py's array types (BF16 and blocks: raw bytes)
 PIECE = 4 << 20  # float32 bytes of one dequantised piece
+KEPT = {"Q8_0": torch.int8, "Q4_0": torch.uint8}  # blocks that are moekit's int8 / int4 data with group 32
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
@@ -101,6 +103,26 @@ def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> torch.Tensor
     return view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
 
 
+def store_into(views, value) -> None:
+    """One matrix (a tensor, or a Q8_0 / Q4_0 QuantWeight) into (weight,), or into (data, scales): byte for
+    byte when it is already in their format (int8 data, or int4 packed in uint8) and group (columns per
+    scale), else quantised to it as :meth:`QuantWeight.quantize` would."""
+    if len(views) == 1:
+        store(views[0], None, value)
+        return
+    data, scale = views
+    K = value.shape[-1]
+    fmt, group = "int8" if data.dtype == torch.int8 else "int4", K // scale.shape[-1]
+    if isinstance(value, QuantWeight):
+        if (value.format, value.group) == (fmt, group):
+            store(data, scale, value)
+            return
+        value = value.dequantize()
+    q = QuantWeight.quantize(value.reshape(-1, K).float(), fmt, group)
+    data.copy_(q.data.view(data.shape))
+    scale.copy_(q.scale.view(scale.shape))
+
+
 @dataclass(frozen=True)
 class GGUFSlice:
     """One GGUF tensor, or one expert of a stacked one: file, absolute byte offset and size, GGML
@@ -122,17 +144,19 @@ class GGUFSlice:
                 and v.numel() * v.element_size() == self.nbytes and v.device.type in ("cpu", "meta"))
 
     def scratch(self, views: tuple[torch.Tensor, ...]) -> int:
-        """Bytes a read takes beyond its views: the file's bytes, and for a dequantised type the
-        float32 values of a piece of rows and gguf-py's temporaries for it."""
+        """Bytes a read takes beyond its views: the file's bytes, and when converted in pieces the
+        float32 values of a piece of rows and the temporaries of dequantising and quantising it."""
         if self.direct(views):
             return 0
-        if self.kind in FLOAT or len(views) == 2 or self.heads:
-            return self.nbytes + (8 * math.prod(self.shape) if self.heads else 0)
+        if self.kept(views) or (self.kind in FLOAT and len(views) == 1):
+            return self.nbytes
+        if self.heads:
+            return self.nbytes + 8 * math.prod(self.shape)
         return self.nbytes + 4 * min(PIECE, 4 * math.prod(self.shape))
 
     def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
              buffer: torch.Tensor | None = None) -> None:
-        """Read the slice and write it into ``views``: (weight,) or, kept quantised, (data, scales);
+        """Read the slice and write it into ``views``: (weight,) or, for an int8 / int4 matrix, (data, scales);
         through ``buffer`` (uint8, at least ``nbytes``; else a temporary one) unless read in place."""
         if self.direct(views):
             pread_exact(fd, views[0].data_ptr(), self.nbytes, self.offset, self.path, self.name)
@@ -140,24 +164,28 @@ class GGUFSlice:
             buf = read_buffer(buffer, self.nbytes)
             pread_exact(fd, buf.data_ptr(), self.nbytes, self.offset, self.path, self.name)
             with torch.no_grad():
-                if len(views) == 2 and not self.heads:  # kept Q8_0 / Q4_0: straight into data and scales
+                if self.kept(views):  # Q8_0 / Q4_0 as int8 / int4 with group 32: straight into data and scales
                     copy_blocks(buf, *views)
-                elif self.kind in FLOAT or self.heads:
+                elif (self.kind in FLOAT and len(views) == 1) or self.heads:  # whole (small, or no temporary)
                     value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape)
-                    store(views[0], views[1] if len(views) == 2 else None,
-                          _unpermute_value(value, self.heads) if self.heads else value)
-                else:  # dequantised a piece of rows at a time
+                    store_into(views, _unpermute_value(value, self.heads) if self.heads else value)
+                else:  # converted a piece of rows at a time
                     raw, K = self._raw(buf.numpy()), self.shape[-1]
-                    out, step = views[0].view(len(raw), K), max(1, PIECE // (4 * K))
+                    out, step = [v.view(len(raw), -1) for v in views], max(1, PIECE // (4 * K))
                     for r in range(0, len(raw), step):
                         piece = raw[r:r + step]
-                        store(out[r:r + len(piece)], None, tensor_value(piece, self.kind, (len(piece), K)))
+                        store_into([v[r:r + len(piece)] for v in out], tensor_value(piece, self.kind, (len(piece), K)))
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
 
+    def kept(self, views: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the model keeps these blocks as they are: int8 (Q8_0) or int4 (Q4_0) with group 32."""
+        if len(views) != 2 or self.heads or self.kind not in KEPT:
+            return False
+        data, scale = views
+        return data.dtype == KEPT[self.kind] and scale.shape[-1] * 32 == self.shape[-1]
+
     def _raw(self, buf: np.ndarray) -> np.ndarray:
-        """The bytes as gguf-py's reader gives them: typed for F32 / F16, else rows of bytes."""
-        if self.kind in NUMPY:
-            return buf.view(NUMPY[self.kind])
+        """The bytes in rows as gguf-py's reader gives them: values for F32 / F16, else bytes."""
         rows = math.prod(self.shape[:-1])
-        return buf.reshape(rows, self.nbytes // rows)
+        return (buf.view(NUMPY[self.kind]) if self.kind in NUMPY else buf).reshape(rows, -1)

@@ -190,7 +190,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         from moekit.weights.offload import load_offloaded
 
         return load_offloaded(path, max_memory, dtype=dtype, device=device, kernels=kernels, progress=progress,
-                              quantize=quantize)
+                              quantize=quantize, group=group)
     if str(path).endswith(".gguf"):  # a llama.cpp file: moekit/weights/gguf_import.py
         from moekit.weights.gguf_import import load_gguf
 

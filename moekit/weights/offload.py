@@ -121,23 +121,26 @@ def _budget_error(path: Path, max_memory: float, resident: int, need: int, per_e
 
 def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str | None = None,
                    device: str | torch.device = "cpu", kernels: str = "auto", progress: bool | None = None,
-                   quantize: str | None = None) -> MoEDecoder:
+                   quantize: str | None = None, group: int | None = None) -> MoEDecoder:
     """Load a safetensors checkpoint folder or a GGUF file within ``max_memory`` GiB (see the module
     doc): the routed experts stay in the files and are read into an LRU cache when a layer routes to
-    them. ``model.offload_stats()`` reports hits, misses and bytes read."""
+    them. ``model.offload_stats()`` reports hits, misses and bytes read. ``quantize`` / ``group``
+    (GGUF only): int8 / int4 matrices, each expert quantised when it is read."""
     if not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool) or not max_memory > 0:
         raise MoekitError(f"max_memory={max_memory!r}: give the memory budget in GiB, a number > 0")
     if not sys.platform.startswith("linux"):
         raise MoekitError("expert offload (max_memory) needs Linux: the cache moves pages between experts with mremap")
-    if quantize:
-        raise MoekitError("max_memory with quantize: quantising at load time needs every expert in memory; write a "
-                          "quantised checkpoint first (moekit quantize) and offload that")
+    gguf = str(path).endswith(".gguf")
+    if quantize and not gguf:
+        raise MoekitError("max_memory with quantize: a checkpoint folder is quantised after loading, with every "
+                          "expert in memory; write a quantised checkpoint first (moekit quantize) and offload that "
+                          "(a GGUF file's experts are quantised as they are read)")
     if torch.device(device).type != "cpu":
         raise MoekitError(f"max_memory on {device}: expert offload computes on the CPU for now")
-    if str(path).endswith(".gguf"):
+    if gguf:
         from moekit.weights.gguf_import import plan_gguf
 
-        plan = plan_gguf(path, dtype)
+        plan = plan_gguf(path, dtype, quantize, group)
         meta, dtype = plan.on_meta(device, kernels), plan.dtype
         reads = plan.reads(meta.named_views())
     else:
