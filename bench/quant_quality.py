@@ -12,6 +12,12 @@ the rule training used with ``heldout: 0.02``) is scored whole, BOS to EOS, in w
 variant: the checkpoint in bfloat16, then quantised at load time (int8 per output channel,
 int4 with groups of 32 / 64 / 128); the computation runs in bfloat16 on the chosen kernels.
 
+``--llama-quantize TYPE`` (Q4_K_M, Q2_K, ...; needs llama-cpp-python) also scores the checkpoint as
+llama.cpp's quantizer writes it: exported to an F16 GGUF by moekit, quantised to TYPE by
+``llama_model_quantize``, then loaded as moekit loads such a file (every block dequantised to
+bfloat16) and quantised again as it is read (``quantize=``, each variant but bf16): what
+``moekit.load("x.Q4_K_M.gguf", quantize="int4")`` costs over the file's own precision.
+
 ``--decode`` scores the same tokens one at a time through a KV cache (each window from an empty
 cache), so that on ``--kernels cpu`` the decode kernels produce every logit: with fewer than 16
 tokens they quantise the activations to int8 as well (docs/quantization.md, "Kernels"), which the
@@ -71,6 +77,23 @@ def mean_loss(model, rows: list[list[int]], window: int, decode: bool = False) -
     return total / count, count
 
 
+def llama_quantized(folder: Path, ftype: str) -> Path:
+    """``folder`` exported to an F16 GGUF by moekit, then quantised to ``ftype`` by llama.cpp (a temporary file)."""
+    import tempfile
+
+    import llama_cpp
+
+    from moekit.weights.gguf_export import export_checkpoint
+
+    out = Path(tempfile.mkdtemp(prefix="moekit-quality-"))
+    f16 = export_checkpoint(folder, out / "model-f16.gguf", "f16", progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(out / f"model-{ftype}.gguf").encode(), params):
+        raise SystemExit(f"llama.cpp could not quantize {f16} to {ftype}")
+    return out / f"model-{ftype}.gguf"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -82,26 +105,32 @@ def main() -> None:
     ap.add_argument("--kernels", default="reference")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--decode", action="store_true", help="score token by token through a KV cache (decode kernels)")
+    ap.add_argument("--llama-quantize", metavar="TYPE", help="also score a GGUF of the model quantised by llama.cpp")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tok = moekit.Tokenizer.from_pretrained(args.tokenizer or args.model)
     rows = heldout_rows(tok, args.data, args.separator.encode().decode("unicode_escape"), args.heldout)
     print(f"{len(rows)} held-out documents, {sum(len(r) for r in rows) - len(rows)} scored tokens", file=sys.stderr)
+    runs = [(name, args.model, name) for name in args.variants.split(",")]
+    if args.llama_quantize:
+        gguf = llama_quantized(args.model, args.llama_quantize)
+        runs += [(f"{args.llama_quantize}" + (f"->{name}" if name != "bf16" else ""), gguf, name)
+                 for name in args.variants.split(",")]
     results = {}
-    for name in args.variants.split(","):
-        q = VARIANTS[name]
+    for name, path, variant in runs:
+        q = VARIANTS[variant]
         t0 = time.perf_counter()
-        model = moekit.load(args.model, dtype=torch.bfloat16, kernels=args.kernels,
+        model = moekit.load(path, dtype=torch.bfloat16, kernels=args.kernels,
                             quantize=q and q[0], group=q and q[1]).eval()
         loss, n = mean_loss(model, rows, args.window, args.decode)
         size = sum(b.numel() * b.element_size() for b in (*model.parameters(), *model.buffers()))
         results[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "weight_bytes": size}
         base = results.get("bf16", results[name])["ppl"]
-        print(f"{name:10s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  ({100 * (math.exp(loss) / base - 1):+.2f}% "
+        print(f"{name:16s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  ({100 * (math.exp(loss) / base - 1):+.2f}% "
               f"vs bf16)  weights {size / 2**20:.1f} MiB  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
     report = {"date": str(date.today()), "cpu": cpu_info().get("model", platform.processor()), "model": str(args.model),
               "data": [str(d) for d in args.data], "window": args.window, "kernels": args.kernels,
-              "decode": args.decode, "results": results}
+              "decode": args.decode, "llama_quantize": args.llama_quantize, "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
