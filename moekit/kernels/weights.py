@@ -36,6 +36,7 @@ FORMATS = {"int8": 127, "int4": 7}  # format -> qmax
 INT4_GROUPS = (32, 64, 128)
 BLOCK = 32  # int4 nibble-interleave block (columns)
 PANEL = 16  # rows of an int8 panel (QuantWeight.to_panels)
+QUANT_PIECE = 4 << 20  # float32 bytes of the rows quantize_into quantises at once
 
 
 def check_format(fmt: str, K: int, group: int) -> None:
@@ -96,6 +97,21 @@ def _quantize(w_NK: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, t
     return (q.to(torch.int8) if fmt == "int8" else pack_int4(q)), scale
 
 
+@torch.no_grad()
+def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    """Quantise a floating-point ``w`` [..., N, K] into ``data`` and ``scale``, (views of) a QuantWeight's in
+    rows (not panels) with the same leading shape: int8 data or int4 packed in uint8, K / scale columns per
+    scale. A piece of rows at a time, so the float32 working copy stays near QUANT_PIECE bytes."""
+    K = w.shape[-1]
+    fmt, group = "int8" if data.dtype == torch.int8 else "int4", K // scale.shape[-1]
+    rows = w.reshape(-1, K)
+    out_d = data if data.dim() == 2 else data.view(-1, data.shape[-1])
+    out_s = scale if scale.dim() == 2 else scale.view(-1, scale.shape[-1])
+    step = max(1, QUANT_PIECE // (4 * K))
+    for r in range(0, len(rows), step):
+        out_d[r:r + step], out_s[r:r + step] = _quantize(rows[r:r + step], fmt, group)
+
+
 class QuantWeight(nn.Module):
     """A weight [..., N, K] stored as ``int8`` or ``int4`` with float16 group scales (see module doc).
 
@@ -116,12 +132,10 @@ class QuantWeight(nn.Module):
     @classmethod
     @torch.no_grad()
     def quantize(cls, w: torch.Tensor, fmt: str, group: int | None = None) -> QuantWeight:
-        """Round-to-nearest symmetric quantisation of a floating-point weight [..., N, K] (a stack
-        one matrix at a time, so the float32 working copy stays one matrix)."""
+        """Round-to-nearest symmetric quantisation of a floating-point weight [..., N, K]
+        (:func:`quantize_into`)."""
         out = cls(fmt, w.shape, group, device=w.device)
-        for i, m in enumerate(w.detach().reshape(-1, *w.shape[-2:])):
-            out.data.view(-1, *out.data.shape[-2:])[i], out.scale.view(-1, *out.scale.shape[-2:])[i] = \
-                _quantize(m, fmt, out.group)
+        quantize_into(w.detach(), out.data, out.scale)
         return out
 
     @property

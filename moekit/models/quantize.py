@@ -46,6 +46,13 @@ class QuantConfig:
         """A format with its default group size unless one is given."""
         return cls(fmt, DEFAULT_GROUP.get(fmt) if group is None else group, lm_head)
 
+    @classmethod
+    def requested(cls, quantize: str | QuantConfig | None, group: int | None = None) -> QuantConfig | None:
+        """A loader's ``quantize`` argument: None, a format (with ``group``, see :meth:`of`) or a QuantConfig."""
+        if quantize is None or isinstance(quantize, QuantConfig):
+            return quantize
+        return cls.of(quantize, group)
+
     def to_json(self) -> dict:
         return {"quant_method": METHOD, "format": self.format, "group_size": self.group, "lm_head": self.lm_head}
 

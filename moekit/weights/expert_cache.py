@@ -5,9 +5,9 @@ data and scales) at full size, but as virtual memory: only experts in the cache 
 pages behind them. The cache owns a fixed pool of pages, allocated once (its capacity). Loading
 expert B moves pages from the pool, or from the least recently used expert A, to B's place in
 its stack with Linux's ``mremap`` (no copy, no page faults), then reads B's bytes from the
-checkpoint (safetensors files, or a GGUF file) into them with ``preadv`` at the header's offsets. Plain reads rather than a
-memory map: page-cache pages never count in the process's resident set, so it stays at the
-resident weights plus the pool.
+checkpoint (safetensors files, or a GGUF file) into them with ``preadv`` at the header's offsets.
+Plain reads rather than a memory map: page-cache pages never count in the process's resident set,
+so it stays at the resident weights plus the pool.
 
 The kernels get the ordinary stacks and expert ids. A pool of S slots with ids remapped to slot
 numbers would work too, but it changes the order in which the kernels sum the experts' outputs
@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -115,12 +116,25 @@ def read_buffer(buffer: torch.Tensor | None, nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
 
 
+class Source(Protocol):
+    """A checkpoint tensor, or part of one, that the loader and the cache read (:class:`Stored`, or
+    :class:`moekit.weights.gguf_tensors.GGUFSlice`): ``fill`` writes it into the model's views it
+    stands for, ``scratch`` is the memory a fill takes beyond them (0 when read in place)."""
+
+    path: Path
+    name: str
+    nbytes: int
+
+    def scratch(self, views: tuple[torch.Tensor, ...]) -> int: ...
+
+    def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
+             buffer: torch.Tensor | None = None) -> None: ...
+
+
 @dataclass(frozen=True)
 class Stored:
-    """Where one safetensors tensor's bytes are: file, absolute byte offset, size, dtype, shape.
-
-    A checkpoint source for the loader and the cache: :meth:`fill` writes it into the views it
-    stands for (here one), :meth:`scratch` is the buffer that takes (0 when read in place)."""
+    """Where one safetensors tensor's bytes are: file, absolute byte offset, size, dtype, shape (a
+    :class:`Source` filling one view)."""
 
     path: Path
     name: str
@@ -154,7 +168,7 @@ class Expert:
     """One (layer, expert): its page-aligned ranges in the stacks and the tensors to read into them."""
 
     spans: list[tuple[int, int]]  # (address, bytes)
-    reads: list[tuple[Stored, tuple[torch.Tensor, ...]]]  # a checkpoint source -> the views it fills
+    reads: list[tuple[Source, tuple[torch.Tensor, ...]]]  # a checkpoint source -> the views it fills
     covered: bool  # the reads fill the spans entirely (else padding is zeroed first)
 
     @property
@@ -213,7 +227,7 @@ class ExpertCache:
         self.verified: set[tuple[int, int]] = set()
         self.fds = {p: os.open(p, os.O_RDONLY) for p in {s.path for x in self.experts.values() for s, _ in x.reads}}
         # one read buffer for every conversion: a fresh one per read fragments the heap (measured: RSS grew
-        # 35 MiB over 129 decoded tokens of a Q4_0 GGUF with 2 MiB reads, against 6 MiB with this one)
+        # 35 MiB over 129 decoded tokens of a Q4_0 GGUF with 2 MiB reads, against 9-11 MiB with this one)
         self.buffer = torch.empty(max((s.nbytes for x in self.experts.values() for s, v in x.reads if s.scratch(v)),
                                       default=0), dtype=torch.uint8)
 

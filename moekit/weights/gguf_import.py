@@ -234,7 +234,7 @@ class Plan:
     permuted: bool  # Q/K rows in llama.cpp's rotary order
 
     def on_meta(self, device, kernels: str) -> MoEDecoder:
-        """The model on the meta device, with quantised matrices where the file keeps them."""
+        """The model on the meta device, its matrices int8 / int4 as ``quant`` says."""
         from moekit.weights.load import _on_meta
 
         model = _on_meta(self.cfg, self.dtype, device, kernels)
@@ -249,7 +249,7 @@ class Plan:
 
     def reads(self, names) -> list[tuple[GGUFSlice, tuple[str, ...]]]:
         """[(slice, names of the views it fills)] for every tensor, each expert of a stacked one its own
-        slice; ``names``: the model's view names (a kept quantised matrix fills its data and scales)."""
+        slice; ``names``: the model's view names (an int8 / int4 matrix fills its data and scales)."""
         out = []
         for g, targets in self.sources.items():
             t = self.tensors[g]
@@ -257,22 +257,24 @@ class Plan:
             for name, index in targets:
                 fills = (name, name + SCALE) if name + SCALE in names else (name,)
                 if index is None:
-                    out.append((GGUFSlice(self.path, g, t.data_offset, t.n_bytes, kind, shape, self.heads(g)), fills))
+                    out.append((GGUFSlice(self.path, g, t.data_offset, t.n_bytes, kind, shape, self.heads(g),
+                                          self.dtype), fills))
                 else:
                     each = t.n_bytes // shape[0]
-                    out.append((GGUFSlice(self.path, g, t.data_offset + index * each, each, kind, shape[1:]), fills))
+                    out.append((GGUFSlice(self.path, g, t.data_offset + index * each, each, kind, shape[1:],
+                                          dtype=self.dtype), fills))
         return out
 
 
-def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None, quantize: str | None = None,
-              group: int | None = None) -> Plan:
+def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None,
+              quantize: str | QuantConfig | None = None, group: int | None = None) -> Plan:
     """Read a GGUF file's metadata and tensor table and check them against the model they describe:
     missing, unexpected or mis-shaped tensors are named. ``quantize`` / ``group``: the model's matrices
     int8 / int4 (:meth:`QuantConfig.of`), each quantised as it is read; refused for a file whose
     matrices are kept as they are (all Q8_0 or all Q4_0)."""
     from moekit.weights.load import as_dtype
 
-    wanted = QuantConfig.of(quantize, group) if quantize else None  # a ConfigError names the bad argument
+    wanted = QuantConfig.requested(quantize, group)  # a ConfigError names the bad argument
 
     path = Path(path)
     reader = open_gguf(path)
@@ -306,7 +308,7 @@ def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None, quantize
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-              kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
+              kernels: str = "auto", progress: bool | None = None, quantize: str | QuantConfig | None = None,
               group: int | None = None) -> MoEDecoder:
     """A llama.cpp GGUF file of a supported architecture as a :class:`MoEDecoder`.
 

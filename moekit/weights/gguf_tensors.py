@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.kernels.weights import QuantWeight
+from moekit.kernels.weights import QuantWeight, quantize_into
 from moekit.weights.expert_cache import pread_exact, read_buffer
 
 FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -103,10 +103,10 @@ def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> torch.Tensor
     return view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
 
 
-def store_into(views, value) -> None:
+def store_into(views, value, dtype: torch.dtype) -> None:
     """One matrix (a tensor, or a Q8_0 / Q4_0 QuantWeight) into (weight,), or into (data, scales): byte for
     byte when it is already in their format (int8 data, or int4 packed in uint8) and group (columns per
-    scale), else quantised to it as :meth:`QuantWeight.quantize` would."""
+    scale), else rounded to ``dtype`` and quantised to it, as loading in ``dtype`` and then quantising would."""
     if len(views) == 1:
         store(views[0], None, value)
         return
@@ -118,15 +118,14 @@ def store_into(views, value) -> None:
             store(data, scale, value)
             return
         value = value.dequantize()
-    q = QuantWeight.quantize(value.reshape(-1, K).float(), fmt, group)
-    data.copy_(q.data.view(data.shape))
-    scale.copy_(q.scale.view(scale.shape))
+    quantize_into(value.reshape(*data.shape[:-1], K).to(dtype), data, scale)
 
 
 @dataclass(frozen=True)
 class GGUFSlice:
     """One GGUF tensor, or one expert of a stacked one: file, absolute byte offset and size, GGML
-    type, logical shape, and the head count whose Q/K rows to unpermute (0: none)."""
+    type, logical shape, the head count whose Q/K rows to unpermute (0: none), and the model's compute
+    dtype (values quantised on the way in are rounded to it first)."""
 
     path: Path
     name: str
@@ -135,6 +134,7 @@ class GGUFSlice:
     kind: str
     shape: tuple[int, ...]
     heads: int = 0
+    dtype: torch.dtype = torch.float32
 
     def direct(self, views: tuple[torch.Tensor, ...]) -> bool:
         """Whether the bytes can be read straight into the one view (same dtype, contiguous, in order; in
@@ -168,13 +168,14 @@ class GGUFSlice:
                     copy_blocks(buf, *views)
                 elif (self.kind in FLOAT and len(views) == 1) or self.heads:  # whole (small, or no temporary)
                     value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape)
-                    store_into(views, _unpermute_value(value, self.heads) if self.heads else value)
+                    store_into(views, _unpermute_value(value, self.heads) if self.heads else value, self.dtype)
                 else:  # converted a piece of rows at a time
                     raw, K = self._raw(buf.numpy()), self.shape[-1]
                     out, step = [v.view(len(raw), -1) for v in views], max(1, PIECE // (4 * K))
                     for r in range(0, len(raw), step):
                         piece = raw[r:r + step]
-                        store_into([v[r:r + len(piece)] for v in out], tensor_value(piece, self.kind, (len(piece), K)))
+                        value = tensor_value(piece, self.kind, (len(piece), K))
+                        store_into([v[r:r + len(piece)] for v in out], value, self.dtype)
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
 

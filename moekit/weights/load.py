@@ -4,7 +4,9 @@ The model is built on the meta device and checked against the checkpoint before 
 allocated: its parameter count against the weight files' size, and for safetensors every tensor's
 shape and dtype against the file headers. It is then materialised once in the target dtype and
 filled shard by shard: peak memory is the model plus one tensor (safetensors) or one
-memory-mapped shard (.bin). Every tensor is checked for NaN / infinity as it is copied.
+memory-mapped shard (.bin). With ``quantize=`` the model is built quantised and each matrix is
+quantised as it is read, so the floating-point model never exists. Every tensor is checked for
+NaN / infinity as it is copied.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tqdm.auto import tqdm
 from moekit.config import ConfigError, ModelConfig, count_params
 from moekit.errors import MoekitError
 from moekit.families import Family, NameMap, detect_family
+from moekit.families.base import SCALE
+from moekit.kernels.weights import quantize_into
 from moekit.models import MoEDecoder
 from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights.io import CheckpointError, iter_shard, read_json, shard_names, weight_files
@@ -161,6 +165,25 @@ def _non_finite(file: Path, sums: list, expected: dict) -> list[str]:
     return out
 
 
+def _targets(views: dict, table: NameMap, wanted: QuantConfig | None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Checkpoint name -> the views its tensor fills: (view,), or for a matrix ``quantize=`` quantises as it
+    is read, (data, scales)."""
+    out = {}
+    for name, view in views.items():
+        if wanted and name.endswith(SCALE) and name.removesuffix(SCALE) in views:
+            continue
+        out[table.to_hf(name)] = (view, views[name + SCALE]) if wanted and name + SCALE in views else (view,)
+    return out
+
+
+def _logical_shape(targets: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    """The floating-point shape a checkpoint tensor has for these views (int4 data holds two columns a byte)."""
+    view = targets[0]
+    if len(targets) == 1:
+        return tuple(view.shape)
+    return (*view.shape[:-1], view.shape[-1] * (2 if view.dtype == torch.uint8 else 1))
+
+
 def stored_format(folder: Path, cfg: ModelConfig, dtype) -> tuple[torch.dtype, QuantConfig | None]:
     """The dtype to compute in (``dtype``, else the config's ``torch_dtype``, else float32) and the
     checkpoint's ``quantization_config`` (None for a floating-point checkpoint)."""
@@ -173,14 +196,15 @@ def stored_format(folder: Path, cfg: ModelConfig, dtype) -> tuple[torch.dtype, Q
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         kernels: str = "auto", progress: bool | None = None, quantize: str | None = None,
+         kernels: str = "auto", progress: bool | None = None, quantize: str | QuantConfig | None = None,
          group: int | None = None, max_memory: float | None = None) -> MoEDecoder:
     """Load a checkpoint folder in any supported family's native layout.
 
     dtype: None keeps the config's ``torch_dtype`` (float32 if it has none); a quantised
     checkpoint (``moekit quantize``) keeps its int8/int4 matrices, computing in ``dtype``.
-    quantize: ``int8`` / ``int4`` quantises a floating-point checkpoint after loading (``group``:
-    the scale group size; default per channel for int8, 64 for int4; docs/quantization.md).
+    quantize: ``int8`` / ``int4`` (or a QuantConfig) quantises a floating-point checkpoint's matrices
+    as they are read, so peak memory is the quantised model (``group``: the scale group size; default
+    per channel for int8, 64 for int4; docs/quantization.md).
     max_memory: a budget in GiB for a model larger than memory: the routed experts stay in the
     safetensors files and are read into an LRU cache on demand (moekit/weights/offload.py).
     Raises :class:`CheckpointError` naming the file and tensor for missing, unexpected,
@@ -199,24 +223,22 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     folder = Path(path)
     cfg, family, files, wmap = read_config(folder)
     dtype, quant = stored_format(folder, cfg, dtype)
-    wanted = QuantConfig.of(quantize, group) if quantize else None  # a ConfigError names the bad argument
+    wanted = QuantConfig.requested(quantize, group)  # a ConfigError names the bad argument
     if quant and wanted:
         raise CheckpointError(f"{folder}: already quantised ({quant.format}); load it without quantize=, or "
                               "quantise its floating-point checkpoint")
     _check_size(cfg, folder, files, quant)
     meta = _on_meta(cfg, dtype, device, kernels)
-    if quant:
-        quantize_model(meta, quant, structure_only=True)
+    if quant or wanted:
+        quantize_model(meta, quant or wanted, structure_only=True)
     table = NameMap(family.names(cfg))
-    shapes = {}
-    for name, view in meta.named_views().items():
-        hf_name = table.to_hf(name)
-        if hf_name is None:
+    for name in meta.named_views():
+        if table.to_hf(name) is None:
             raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
-        shapes[hf_name] = (tuple(view.shape), view.dtype)
-    _check_headers(folder, files, shapes)
+    _check_headers(folder, files, {n: (_logical_shape(t), t[0].dtype if len(t) == 1 else dtype)
+                                   for n, t in _targets(meta.named_views(), table, wanted).items()})
     model = _allocate(meta, dtype, device)
-    expected = {table.to_hf(name): view for name, view in model.named_views().items()}
+    expected = _targets(model.named_views(), table, wanted)
     skip = [re.compile(p) for p in family.ignore]
     if cfg.tie_word_embeddings:
         skip.append(re.compile(r"lm_head\.weight"))
@@ -226,25 +248,33 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     for file in tqdm(files, desc=f"loading {folder.name}", unit="shard", disable=not show):
         sums = []  # (name, source dtype, sum): NaN or inf anywhere makes a sum non-finite (overflow is re-checked)
         for name, tensor in iter_shard(file):
-            view = expected.get(name)
-            if view is None:
+            targets = expected.get(name)
+            if targets is None:
                 if not any(p.fullmatch(name) for p in skip):
                     unexpected.append(f"{file.name}: unexpected tensor {name!r}")
                 continue
-            if tuple(tensor.shape) != tuple(view.shape):
+            if tuple(tensor.shape) != _logical_shape(targets):
                 misshaped.append(f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
-                                 f"config.json implies {list(view.shape)}")
+                                 f"config.json implies {list(_logical_shape(targets))}")
                 continue
-            if why := _type_problem(file, name, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)), view.dtype,
+            if why := _type_problem(file, name, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)),
+                                    targets[0].dtype if len(targets) == 1 else dtype,
                                     shown=None if file.suffix == ".safetensors" else str(tensor.dtype)):
                 wrong_type.append(why)
                 continue
             with torch.no_grad():
-                view.copy_(tensor)
-                sums.append((name, tensor.dtype, view.sum()))  # native dtype: as cheap as the copy
+                if len(targets) == 1:
+                    targets[0].copy_(tensor)
+                    sums.append((name, tensor.dtype, targets[0].sum()))  # native dtype: as cheap as the copy
+                elif not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+                    not_finite.append(f"{file.name}: tensor {name!r} has {int((~torch.isfinite(tensor)).sum())} "
+                                      f"NaN or infinite value(s) of {tensor.numel()}")
+                else:  # quantize=: quantised as it is read, from the values the model's dtype holds
+                    quantize_into(tensor.to(dtype), *targets)
+                    sums.append((name, tensor.dtype, targets[1].sum()))  # an overflow makes a scale infinite
             seen.add(name)
         if sums and not bool(torch.isfinite(torch.stack([s.float() for _, _, s in sums])).all()):  # once a shard
-            not_finite += _non_finite(file, sums, expected)
+            not_finite += _non_finite(file, sums, {n: t[-1] for n, t in expected.items()})
     _raise(misshaped, f"{folder}: tensors with the wrong shape")
     _raise(wrong_type, f"{folder}: tensors of the wrong type")
     _raise(not_finite, f"{folder}: tensors with values that are not finite numbers")
@@ -252,8 +282,6 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     missing = [f"missing tensor {n!r}" + (f" (index lists it in {wmap[n]})" if wmap and n in wmap else "")
                for n in expected if n not in seen]
     _raise(missing, f"{folder}: tensors the config.json requires are absent")
-    if wanted:
-        quantize_model(model, wanted, progress=show)
     model.kernels.prepare_weights(model)
     for line in model.kernels.describe():
         log.info(line)

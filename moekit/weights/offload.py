@@ -18,10 +18,9 @@ gives the experts an LRU cache (moekit/weights/expert_cache.py) sized so that
 Not counted: the Python and PyTorch runtime (docs/quantization.md, "Expert offload", has the
 measured figures).
 
-The checkpoint is a list of sources, each filling one or more of the model's views: a safetensors
-folder's tensors (:class:`Stored`, here) or a GGUF file's tensors and expert slices
-(:class:`moekit.weights.gguf_tensors.GGUFSlice`). A source has ``path``, ``name``, ``nbytes``,
-``fill(fd, views)`` and ``scratch(views)`` (the buffer a fill takes).
+The checkpoint is a list of sources (:class:`moekit.weights.expert_cache.Source`), each filling one
+or more of the model's views: a safetensors folder's tensors (:class:`Stored`, read here) or a GGUF
+file's tensors and expert slices (:class:`moekit.weights.gguf_tensors.GGUFSlice`).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from moekit.families import NameMap
 from moekit.kernels.weights import QuantWeight
 from moekit.models import MoEDecoder
 from moekit.models.moe import MoE
-from moekit.models.quantize import quantize_model
+from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights.expert_cache import PAGE, Expert, ExpertCache, Stored, size, virtual
 from moekit.weights.io import CheckpointError
 from moekit.weights.load import (
@@ -121,7 +120,7 @@ def _budget_error(path: Path, max_memory: float, resident: int, need: int, per_e
 
 def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str | None = None,
                    device: str | torch.device = "cpu", kernels: str = "auto", progress: bool | None = None,
-                   quantize: str | None = None, group: int | None = None) -> MoEDecoder:
+                   quantize: str | QuantConfig | None = None, group: int | None = None) -> MoEDecoder:
     """Load a safetensors checkpoint folder or a GGUF file within ``max_memory`` GiB (see the module
     doc): the routed experts stay in the files and are read into an LRU cache when a layer routes to
     them. ``model.offload_stats()`` reports hits, misses and bytes read. ``quantize`` / ``group``
@@ -184,8 +183,7 @@ def _safetensors_sources(folder: Path, dtype, device, kernels) -> tuple[MoEDecod
 def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_memory: float,
              progress: bool | None) -> MoEDecoder:
     """Size the cache within the budget, allocate the resident weights, read them, and route every MoE
-    layer's experts through the cache. ``reads``: [(source, names of the views it fills)] (a source:
-    :class:`Stored` or :class:`moekit.weights.gguf_tensors.GGUFSlice`)."""
+    layer's experts through the cache. ``reads``: [(source, names of the views it fills)]."""
     meta.to(dtype=dtype)  # the sizes below are those the weights will have
     cfg, views = meta.config, meta.named_views()
     moes = {b.layer: b.ffn for b in meta.layers if isinstance(b.ffn, MoE)}
@@ -198,9 +196,9 @@ def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_
     resident = sum(_nbytes(t) for t in (*meta.parameters(), *meta.buffers()) if id(t) not in expert_params)
     resident += sum(_nbytes(t) for m in moes.values() for t in (*m.experts.parameters(), *m.experts.buffers())
                     if id(t) not in paged)
-    offloaded = [i for i, (_, names) in enumerate(reads) if any(id(_root(views[n])) in paged for n in names)]
-    scratch = max((src.scratch(tuple(views[n] for n in names)) for src, names in map(reads.__getitem__, offloaded)),
-                  default=0)
+    on_demand = [any(id(_root(views[n])) in paged for n in names) for _, names in reads]  # an expert's tensor
+    expert_reads = [r for r, paged_read in zip(reads, on_demand) if paged_read]
+    scratch = max((src.scratch(tuple(views[n] for n in names)) for src, names in expert_reads), default=0)
     total = sum(per_expert.values()) * cfg.moe.num_experts
     need = max(sum(per_expert.values()) * cfg.moe.top_k, max(per_expert.values(), default=0) * cfg.moe.num_experts)
     budget = int(max_memory * GIB)
@@ -216,10 +214,9 @@ def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_
     model, stacks = _materialize(meta, dtype, moes, paged)
     views = model.named_views()
     show = sys.stderr.isatty() if progress is None else progress
-    skip = set(offloaded)
-    _read_resident(path, [r for i, r in enumerate(reads) if i not in skip], views, show)
+    _read_resident(path, [r for r, paged_read in zip(reads, on_demand) if not paged_read], views, show)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the conversions' freed heap back before the cache takes its pages
-    cache = ExpertCache(_experts(stacks, [reads[i] for i in offloaded], views), capacity)
+    cache = ExpertCache(_experts(stacks, expert_reads, views), capacity)
     cache.stats.resident_bytes, cache.stats.working_bytes, cache.stats.buffer_bytes = resident, working, scratch
     weakref.finalize(model, cache.close)
     for layer in moes:  # every MoE layer's expert kernel goes through the cache

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from moekit.models.quantize import QuantConfig, quantize_model
+    from moekit.models.quantize import QuantConfig
     from moekit.weights import load, save
     from moekit.weights.io import TOKENIZER_FILES
 
@@ -30,8 +30,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"--model {str(src)!r}: no such checkpoint folder")
     q = QuantConfig.of("int8" if args.bits == 8 else "int4", args.group, lm_head=not args.no_lm_head)
     t0 = time.perf_counter()
-    model = load(src, progress=True)
-    quantize_model(model, q, progress=True)
+    model = load(src, progress=True, quantize=q)  # each matrix quantised as it is read
     files = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
     save(model, args.out, files=files)
     size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
