@@ -150,6 +150,23 @@ class Tokenizer:
             return cls(backend, "sentencepiece", config, model_config)
         raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
 
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write the tokenizer as a checkpoint folder holds it (``tokenizer.json`` or ``tokenizer.model``,
+        and ``tokenizer_config.json``), so :meth:`from_pretrained` reads back the same tokenizer; for a
+        tokenizer built from a GGUF file's vocabulary too. Returns {file name: path} (``moekit.save``'s
+        ``files``)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.kind == "tokenizers":
+            model = folder / "tokenizer.json"
+            model.write_text(self.backend.to_str(), encoding="utf-8")
+        else:
+            model = folder / "tokenizer.model"
+            model.write_bytes(self.backend.serialized_model_proto())
+        config = folder / "tokenizer_config.json"
+        config.write_text(json.dumps(self.config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        return {p.name: p for p in (model, config)}
+
     # -- vocabulary ---------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -143,6 +143,30 @@ def test_quantize_as_read_equals_quantize_after(converter, tmp_path_factory, sou
         assert torch.equal(got(ids), want(ids))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe"])  # a SentencePiece and a byte-level BPE vocabulary
+def test_quantize_command_converts_a_gguf_file_once(converted, tmp_path, arch):
+    """`moekit quantize --model x.gguf --out DIR`: the model quantised as it is read, the file's vocabulary and
+    chat template written as a checkpoint folder holds them; the folder loads as the same model and tokenizer,
+    with no GGUF to dequantise on every load."""
+    from moekit.cli import main
+
+    file, out = converted(arch)[1], tmp_path / arch
+    assert main(["quantize", "--model", str(file), "--out", str(out), "--bits", "4", "--group", "32"]) == 0
+    want = moekit.load(file, dtype=torch.float32, quantize="int4", group=32, kernels="reference")
+    got = moekit.load(out, dtype=torch.float32, kernels="reference")
+    assert got.quant == want.quant and got.config.family == want.config.family
+    ids = torch.tensor([list(range(1, 20))])
+    with torch.no_grad():
+        assert torch.equal(got(ids), want(ids))
+    a, b = moekit.Tokenizer.from_pretrained(file), moekit.Tokenizer.from_pretrained(out)
+    assert b.kind == a.kind
+    for text in TEXTS:
+        assert b.encode(text) == a.encode(text), text
+        assert b.decode(b.encode(text)) == a.decode(a.encode(text))
+    assert (b.chat_template, b.bos_token_id, b.eos_token_id, b.pad_token_id, b.special_ids) == (
+        a.chat_template, a.bos_token_id, a.eos_token_id, a.pad_token_id, a.special_ids)
+
+
 def test_deepseek_converted_by_llama_cpp_generates_the_same(converted):
     """DeepSeek-MoE v1 -> `deepseek`: a leading dense layer, 2 shared experts as one MLP, top-3 of 8 not
     renormalised."""
