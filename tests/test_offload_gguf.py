@@ -106,13 +106,16 @@ def test_damaged_gguf_is_named_when_offloaded(exported, tmp_path):
 
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
-def test_quantized_as_read_offloads(quantize, exported, input_ids):
-    """An F16 file with quantize=: every matrix quantised as it is read, the experts on every cache miss; the
-    offloaded model equals the in-memory one (both quantised on the way in)."""
-    file = exported("mixtral", "f16")
-    ref = moekit.load(file, quantize=quantize, kernels="reference")
+@pytest.mark.parametrize("source", ["gguf", "folder"])
+def test_quantized_as_read_offloads(source, quantize, exported, input_ids):
+    """quantize= with offload, from an F16 file or the bfloat16 checkpoint folder it was exported from: every
+    matrix quantised as it is read, the experts on every cache miss; the offloaded model equals the in-memory
+    one (both quantised on the way in)."""
+    path = exported("mixtral", "f16")
+    path = path if source == "gguf" else path.parent / "m"
+    ref = moekit.load(path, quantize=quantize, kernels="reference")
     assert ref.quant.format == quantize
-    off = moekit.load(file, max_memory=tight_budget(file, quantize=quantize, kernels="reference"), quantize=quantize,
+    off = moekit.load(path, max_memory=tight_budget(path, quantize=quantize, kernels="reference"), quantize=quantize,
                       kernels="reference")
     assert off.quant == ref.quant and off.offload.experts
     assert_same_as_in_memory(ref, off, input_ids)

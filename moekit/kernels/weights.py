@@ -98,10 +98,11 @@ def _quantize(w_NK: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Quantise a floating-point ``w`` [..., N, K] into ``data`` and ``scale``, (views of) a QuantWeight's in
     rows (not panels) with the same leading shape: int8 data or int4 packed in uint8, K / scale columns per
-    scale. A piece of rows at a time, so the float32 working copy stays near QUANT_PIECE bytes."""
+    scale; ``dtype``: round the values to it first (the model's, as loading then quantising does). A piece
+    of rows at a time, so the float32 working copy stays near QUANT_PIECE bytes."""
     K = w.shape[-1]
     fmt, group = "int8" if data.dtype == torch.int8 else "int4", K // scale.shape[-1]
     rows = w.reshape(-1, K)
@@ -109,7 +110,8 @@ def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> N
     out_s = scale if scale.dim() == 2 else scale.view(-1, scale.shape[-1])
     step = max(1, QUANT_PIECE // (4 * K))
     for r in range(0, len(rows), step):
-        out_d[r:r + step], out_s[r:r + step] = _quantize(rows[r:r + step], fmt, group)
+        piece = rows[r:r + step]
+        out_d[r:r + step], out_s[r:r + step] = _quantize(piece if dtype is None else piece.to(dtype), fmt, group)
 
 
 class QuantWeight(nn.Module):

@@ -34,6 +34,7 @@ from typing import Protocol
 import torch
 
 from moekit.errors import MoekitError
+from moekit.kernels.weights import QUANT_PIECE, quantize_into
 from moekit.weights.io import CheckpointError
 
 PAGE = mmap.PAGESIZE
@@ -134,7 +135,8 @@ class Source(Protocol):
 @dataclass(frozen=True)
 class Stored:
     """Where one safetensors tensor's bytes are: file, absolute byte offset, size, dtype, shape (a
-    :class:`Source` filling one view)."""
+    :class:`Source` filling one view, or quantised into a (data, scales) pair, its values rounded to
+    ``compute`` first)."""
 
     path: Path
     name: str
@@ -142,12 +144,15 @@ class Stored:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    compute: torch.dtype | None = None
 
     def direct(self, view: torch.Tensor) -> bool:
         """Whether the file's bytes can be read straight into ``view`` (same dtype, contiguous)."""
         return view.is_contiguous() and view.dtype == self.dtype and view.numel() * view.element_size() == self.nbytes
 
     def scratch(self, views: tuple[torch.Tensor, ...]) -> int:
+        if len(views) == 2:
+            return self.nbytes + 4 * QUANT_PIECE  # and quantize_into's float32 pieces
         return 0 if self.direct(views[0]) else self.nbytes
 
     def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
@@ -155,11 +160,13 @@ class Stored:
         """Fill the view from the file (through ``buffer``, uint8 of at least ``nbytes``, or a temporary
         one, when dtypes or layouts differ)."""
         view = views[0]
-        buf = view if self.direct(view) else read_buffer(buffer, self.nbytes)
+        buf = view if len(views) == 1 and self.direct(view) else read_buffer(buffer, self.nbytes)
         pread_exact(fd, buf.data_ptr(), self.nbytes, self.offset, self.path, self.name)
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
-        if buf is not view:
+        if len(views) == 2:
+            quantize_into(buf.view(self.dtype).view(self.shape), *views, dtype=self.compute)
+        elif buf is not view:
             view.copy_(buf.view(self.dtype).view(self.shape))
 
 

@@ -118,7 +118,7 @@ def store_into(views, value, dtype: torch.dtype) -> None:
             store(data, scale, value)
             return
         value = value.dequantize()
-    quantize_into(value.reshape(*data.shape[:-1], K).to(dtype), data, scale)
+    quantize_into(value.reshape(*data.shape[:-1], K), data, scale, dtype)
 
 
 @dataclass(frozen=True)

@@ -165,18 +165,23 @@ def _non_finite(file: Path, sums: list, expected: dict) -> list[str]:
     return out
 
 
-def _targets(views: dict, table: NameMap, wanted: QuantConfig | None) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Checkpoint name -> the views its tensor fills: (view,), or for a matrix ``quantize=`` quantises as it
-    is read, (data, scales)."""
-    out = {}
-    for name, view in views.items():
-        if wanted and name.endswith(SCALE) and name.removesuffix(SCALE) in views:
+def target_names(names, table: NameMap, wanted: QuantConfig | None) -> dict[str, tuple[str, ...]]:
+    """Checkpoint name -> the model's views (names) its tensor fills: one, or for a matrix ``quantize=``
+    quantises as it is read, its data and scales."""
+    known, out = set(names), {}
+    for name in names:
+        if wanted and name.endswith(SCALE) and name.removesuffix(SCALE) in known:
             continue
-        out[table.to_hf(name)] = (view, views[name + SCALE]) if wanted and name + SCALE in views else (view,)
+        out[table.to_hf(name)] = (name, name + SCALE) if wanted and name + SCALE in known else (name,)
     return out
 
 
-def _logical_shape(targets: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+def _targets(views: dict, table: NameMap, wanted: QuantConfig | None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """:func:`target_names`, as the views."""
+    return {hf: tuple(views[n] for n in ns) for hf, ns in target_names(views, table, wanted).items()}
+
+
+def logical_shape(targets: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     """The floating-point shape a checkpoint tensor has for these views (int4 data holds two columns a byte)."""
     view = targets[0]
     if len(targets) == 1:
@@ -235,7 +240,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     for name in meta.named_views():
         if table.to_hf(name) is None:
             raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
-    _check_headers(folder, files, {n: (_logical_shape(t), t[0].dtype if len(t) == 1 else dtype)
+    _check_headers(folder, files, {n: (logical_shape(t), t[0].dtype if len(t) == 1 else dtype)
                                    for n, t in _targets(meta.named_views(), table, wanted).items()})
     model = _allocate(meta, dtype, device)
     expected = _targets(model.named_views(), table, wanted)
@@ -253,9 +258,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                 if not any(p.fullmatch(name) for p in skip):
                     unexpected.append(f"{file.name}: unexpected tensor {name!r}")
                 continue
-            if tuple(tensor.shape) != _logical_shape(targets):
+            if tuple(tensor.shape) != logical_shape(targets):
                 misshaped.append(f"{file.name}: tensor {name!r} has shape {list(tensor.shape)}, "
-                                 f"config.json implies {list(_logical_shape(targets))}")
+                                 f"config.json implies {list(logical_shape(targets))}")
                 continue
             if why := _type_problem(file, name, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)),
                                     targets[0].dtype if len(targets) == 1 else dtype,
@@ -270,7 +275,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                     not_finite.append(f"{file.name}: tensor {name!r} has {int((~torch.isfinite(tensor)).sum())} "
                                       f"NaN or infinite value(s) of {tensor.numel()}")
                 else:  # quantize=: quantised as it is read, from the values the model's dtype holds
-                    quantize_into(tensor.to(dtype), *targets)
+                    quantize_into(tensor, *targets, dtype=dtype)
                     sums.append((name, tensor.dtype, targets[1].sum()))  # an overflow makes a scale infinite
             seen.add(name)
         if sums and not bool(torch.isfinite(torch.stack([s.float() for _, _, s in sums])).all()):  # once a shard

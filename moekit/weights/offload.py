@@ -54,8 +54,10 @@ from moekit.weights.load import (
     _check_size,
     _on_meta,
     _raise,
+    logical_shape,
     read_config,
     stored_format,
+    target_names,
 )
 
 log = logging.getLogger(__name__)
@@ -123,33 +125,31 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
                    quantize: str | QuantConfig | None = None, group: int | None = None) -> MoEDecoder:
     """Load a safetensors checkpoint folder or a GGUF file within ``max_memory`` GiB (see the module
     doc): the routed experts stay in the files and are read into an LRU cache when a layer routes to
-    them. ``model.offload_stats()`` reports hits, misses and bytes read. ``quantize`` / ``group``
-    (GGUF only): int8 / int4 matrices, each expert quantised when it is read."""
+    them. ``model.offload_stats()`` reports hits, misses and bytes read. ``quantize`` / ``group``:
+    int8 / int4 matrices, each quantised as it is read (an expert: on every cache miss)."""
     if not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool) or not max_memory > 0:
         raise MoekitError(f"max_memory={max_memory!r}: give the memory budget in GiB, a number > 0")
     if not sys.platform.startswith("linux"):
         raise MoekitError("expert offload (max_memory) needs Linux: the cache moves pages between experts with mremap")
-    gguf = str(path).endswith(".gguf")
-    if quantize and not gguf:
-        raise MoekitError("max_memory with quantize: a checkpoint folder is quantised after loading, with every "
-                          "expert in memory; write a quantised checkpoint first (moekit quantize) and offload that "
-                          "(a GGUF file's experts are quantised as they are read)")
     if torch.device(device).type != "cpu":
         raise MoekitError(f"max_memory on {device}: expert offload computes on the CPU for now")
-    if gguf:
+    if str(path).endswith(".gguf"):
         from moekit.weights.gguf_import import plan_gguf
 
         plan = plan_gguf(path, dtype, quantize, group)
         meta, dtype = plan.on_meta(device, kernels), plan.dtype
         reads = plan.reads(meta.named_views())
     else:
-        meta, dtype, reads = _safetensors_sources(Path(path), dtype, device, kernels)
+        meta, dtype, reads = _safetensors_sources(Path(path), dtype, device, kernels,
+                                                  QuantConfig.requested(quantize, group))
     return _offload(Path(path), meta, dtype, reads, max_memory, progress)
 
 
-def _safetensors_sources(folder: Path, dtype, device, kernels) -> tuple[MoEDecoder, torch.dtype, list]:
-    """The model on the meta device, its dtype, and [(Stored, (its moekit view name,))] for every tensor
-    of a folder's safetensors files (headers checked against the model)."""
+def _safetensors_sources(folder: Path, dtype, device, kernels,
+                         wanted: QuantConfig | None = None) -> tuple[MoEDecoder, torch.dtype, list]:
+    """The model on the meta device, its dtype, and [(Stored, names of the views it fills)] for every
+    tensor of a folder's safetensors files (headers checked against the model); ``wanted``: quantize=,
+    each matrix quantised as it is read."""
     cfg, family, files, _ = read_config(folder)
     pickles = [f.name for f in files if f.suffix != ".safetensors"]
     if pickles:
@@ -157,17 +157,22 @@ def _safetensors_sources(folder: Path, dtype, device, kernels) -> tuple[MoEDecod
                               f"but {pickles[0]} is a PyTorch pickle (.bin), which can only be loaded whole; convert "
                               "the folder once (moekit.save(moekit.load(folder), new_folder) writes safetensors)")
     dtype, quant = stored_format(folder, cfg, dtype)
+    if quant and wanted:
+        raise CheckpointError(f"{folder}: already quantised ({quant.format}); load it without quantize=, or "
+                              "quantise its floating-point checkpoint")
     _check_size(cfg, folder, files, quant)
     meta = _on_meta(cfg, dtype, device, kernels)
-    if quant:
-        quantize_model(meta, quant, structure_only=True)
+    if quant or wanted:
+        quantize_model(meta, quant or wanted, structure_only=True)
     table = NameMap(family.names(cfg))
-    views, ours = {}, {}
-    for name, view in meta.named_views().items():
+    model_views = meta.named_views()
+    for name in model_views:
         if table.to_hf(name) is None:
             raise CheckpointError(f"family {family.name!r} has no checkpoint name for moekit tensor {name!r}")
-        views[table.to_hf(name)], ours[table.to_hf(name)] = view, name
-    _check_headers(folder, files, {n: (tuple(v.shape), v.dtype) for n, v in views.items()})
+    ours = target_names(model_views, table, wanted)
+    views = {hf: tuple(model_views[n] for n in ns) for hf, ns in ours.items()}
+    _check_headers(folder, files, {n: (logical_shape(t), t[0].dtype if len(t) == 1 else dtype)
+                                   for n, t in views.items()})
     stored: dict[str, Stored] = {}
     for f in files:
         stored.update(_layout(f))
@@ -177,7 +182,8 @@ def _safetensors_sources(folder: Path, dtype, device, kernels) -> tuple[MoEDecod
            f"{folder}: tensors that a {family.name} model with this config.json does not have")
     _raise([f"missing tensor {n!r}" for n in views if n not in stored],
            f"{folder}: tensors the config.json requires are absent")
-    return meta, dtype, [(stored[n], (ours[n],)) for n in views]
+    return meta, dtype, [(dataclasses.replace(stored[n], compute=dtype) if len(ours[n]) == 2 else stored[n], ours[n])
+                         for n in views]
 
 
 def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_memory: float,
