@@ -8,8 +8,8 @@ bytes, :func:`copy_blocks`); every other type is dequantised by gguf-py. ``llama
 
 Reads are ``preadv`` calls at the tensor's offset, not a memory map: the mapped pages of a file
 count in the process's resident set while mapped, so loading through the map took the file's size
-on top of the model's (measured: 940 MiB above the runtime for a 421 MiB Q4_0 file, against the
-model plus one tensor's bytes now). The model load (:func:`moekit.weights.gguf_import.load_gguf`) and
+on top of the model's (bench/offload.py, the Q4_0 bench file with 421 MiB of weights: peak RSS
+1359 MiB through the map, 884 MiB with these reads). The model load (:func:`moekit.weights.gguf_import.load_gguf`) and
 expert offload (:mod:`moekit.weights.offload`) use the same reads:
 
 - F32 / F16 / BF16 into a CPU view of the same dtype: straight into the model's memory;
@@ -40,7 +40,7 @@ KEPT = {"Q8_0": torch.int8, "Q4_0": torch.uint8}  # blocks that are moekit's int
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # the memory map is read-only; it is only ever read
+    with warnings.catch_warnings():  # gguf-py's memory-mapped arrays are read-only; they are only ever read
         warnings.filterwarnings("ignore", message=".*not writable.*")
         return torch.from_numpy(a)
 
