@@ -9,6 +9,7 @@ SentencePiece model is honoured as transformers 4.x's LlamaTokenizer does it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -78,6 +79,14 @@ def without_dummy_prefix(proto: bytes) -> bytes:
             raise TokenizerError(f"tokenizer.model: unexpected protobuf wire type {wire}")
         out += proto[start:i]
     return bytes(out if found else out + b"\x1a\x02\x18\x00")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """Write a file whole or not at all (a temporary name, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 class Tokenizer:
@@ -158,13 +167,11 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.kind == "tokenizers":
-            model = folder / "tokenizer.json"
-            model.write_text(self.backend.to_str(), encoding="utf-8")
+            model = _write(folder / "tokenizer.json", self.backend.to_str().encode())
         else:
-            model = folder / "tokenizer.model"
-            model.write_bytes(self.backend.serialized_model_proto())
-        config = folder / "tokenizer_config.json"
-        config.write_text(json.dumps(self.config, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            model = _write(folder / "tokenizer.model", self.backend.serialized_model_proto())
+        config = _write(folder / "tokenizer_config.json",
+                        (json.dumps(self.config, ensure_ascii=False, indent=1) + "\n").encode())
         return {p.name: p for p in (model, config)}
 
     # -- vocabulary ---------------------------------------------------------------------------
