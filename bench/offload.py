@@ -66,15 +66,17 @@ def child(spec: dict) -> dict:
     if spec["kind"] == "runtime":  # what every load brings before any weight: the CPU kernels, the checkpoint's
         # header read and checked against the model built on the meta device (the loader's own first step)
         from moekit.weights.gguf_import import plan_gguf
+        from moekit.models.quantize import QuantConfig
         from moekit.weights.offload import _safetensors_sources
 
         get_backend("auto", 10**9, "cpu", torch.bfloat16)
         if spec["model"].endswith(".gguf"):
-            plan = plan_gguf(spec["model"])
+            plan = plan_gguf(spec["model"], quantize=spec.get("quantize"))
             meta = plan.on_meta("cpu", "auto")
             kept = meta, plan.reads(meta.named_views())
         else:
-            kept = _safetensors_sources(Path(spec["model"]), None, "cpu", "auto")
+            kept = _safetensors_sources(Path(spec["model"]), None, "cpu", "auto",
+                                        QuantConfig.requested(spec.get("quantize")))
         # RSS with these alive, not the peak: parsing a GGUF header (its vocabulary) is transient
         with open("/proc/self/status") as f:
             out["peak_rss"] = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
@@ -88,9 +90,10 @@ def child(spec: dict) -> dict:
                 os.close(fd)
         t0 = time.perf_counter()
         if spec.get("budget") is None:
-            model = moekit.load(spec["model"], progress=False)
+            model = moekit.load(spec["model"], progress=False, quantize=spec.get("quantize"))
         else:
-            model = moekit.load(spec["model"], max_memory=spec["budget"], progress=False)
+            model = moekit.load(spec["model"], max_memory=spec["budget"], progress=False,
+                                quantize=spec.get("quantize"))
             model.offload.drop_page_cache = spec["cold"]
         out["load_s"] = time.perf_counter() - t0
         out["loaded_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -201,6 +204,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--cold", type=float, nargs="*", default=[0.5, 0.65],
                     help="budgets also run with the page cache dropped (--cold alone: none)")
+    ap.add_argument("--quantize", choices=["int8", "int4"],
+                    help="quantise the matrices as they are read (a float or K-quant checkpoint), in memory and "
+                         "offloaded")
     ap.add_argument("--trained", type=float, default=0.0145,
                     help="budget for the embedded (trained) model's run, a routing-locality data point; 0: skip")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -210,7 +216,8 @@ def main() -> None:
         return
     folder = ensure_model(args.model)
     size = sum(f.stat().st_size for f in weight_files(folder))
-    base = {"model": str(folder), "new": args.new, "threads": args.threads, "cold": False, "kind": "load"}
+    base = {"model": str(folder), "new": args.new, "threads": args.threads, "cold": False, "kind": "load",
+            "quantize": args.quantize}
     configs = [("idle: import torch, moekit", {**base, "kind": "idle"}),
                ("runtime: + CPU kernels, header, meta model", {**base, "kind": "runtime"}), ("in-memory", base)]
     for b in args.budgets:
@@ -223,6 +230,7 @@ def main() -> None:
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     kind = "GGUF" if folder.suffix == ".gguf" else "safetensors"
+    kind += f", quantised to {args.quantize} as read" if args.quantize else ""
     head = (f"{folder}: {size / 2**30:.2f} GiB of {kind}; {args.new} tokens greedy, {args.threads} threads, "
             f"median of {args.rounds} interleaved rounds; {cpu}; {datetime.date.today()}")
     lines = table(head, results, idle, "in-memory")

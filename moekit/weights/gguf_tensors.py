@@ -35,7 +35,7 @@ from moekit.weights.expert_cache import pread_exact, read_buffer
 
 FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NUMPY = {"F32": np.float32, "F16": np.float16}  # gguf-py's array types (BF16 and blocks: raw bytes)
-PIECE = 4 << 20  # float32 bytes of one dequantised piece
+PIECE = 1 << 20  # float32 bytes of one dequantised piece (the budget allows 16x for its temporaries)
 KEPT = {"Q8_0": torch.int8, "Q4_0": torch.uint8}  # blocks that are moekit's int8 / int4 data with group 32
 
 
@@ -152,7 +152,7 @@ class GGUFSlice:
             return self.nbytes
         if self.heads:
             return self.nbytes + 8 * math.prod(self.shape)
-        return self.nbytes + 4 * min(PIECE, 4 * math.prod(self.shape))
+        return self.nbytes + 16 * min(PIECE, 4 * math.prod(self.shape))
 
     def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
              buffer: torch.Tensor | None = None) -> None:
