@@ -2,7 +2,8 @@
 byte range in the file. Under a budget that forces evictions, logits, greedy tokens and engine logprobs equal
 ``moekit.load("x.gguf")``'s bit for bit: F16 / BF16 / F32 read or converted, Q8_0 / Q4_0 kept as int8 / int4,
 K-quants from llama.cpp's own quantizer dequantised, in files from moekit's exporter and llama.cpp's
-converter. A damaged file is named as without offload."""
+converter; with quantize=, every matrix quantised as it is read (from a checkpoint folder too). A damaged
+file is named as without offload."""
 
 import subprocess
 import sys
