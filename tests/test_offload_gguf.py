@@ -104,6 +104,8 @@ def test_damaged_gguf_is_named_when_offloaded(exported, tmp_path):
         moekit.load(cut, max_memory=1)
     with pytest.raises(CheckpointError, match=r"nothing\.gguf: no such GGUF file"):
         moekit.load(tmp_path / "nothing.gguf", max_memory=1)
+    with pytest.raises(CheckpointError, match=r"already quantised \(int8 from GGUF Q8_0\), and loads as such"):
+        moekit.load(file, max_memory=1, quantize="int4")
 
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])

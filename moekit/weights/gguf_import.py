@@ -299,8 +299,8 @@ def plan_gguf(path: str | Path, dtype: torch.dtype | str | None = None,
         raise CheckpointError(f"{path}: {problems[0]}{more}")
     kept = kept_quantised(cfg, sources, tensors)
     if kept and wanted:
-        raise CheckpointError(f"{path}: already quantised ({kept.format} from GGUF {QUANT_KIND[kept.format]}); "
-                              f"load it without quantize=")
+        raise CheckpointError(f"{path}: already quantised ({kept.format} from GGUF {QUANT_KIND[kept.format]}), and "
+                              f"loads as such without quantize=; quantise its floating-point source instead")
     if not kept and not wanted and (lossy := sorted({t.tensor_type.name for t in tensors.values()} - set(FLOAT))):
         log.info("%s: %s matrices are dequantised to %s; quantize='int4' (or 'int8') keeps the model near the "
                  "file's size", path.name, ", ".join(lossy), str(dtype).removeprefix("torch."))
