@@ -33,6 +33,7 @@ from moekit.families import NameMap, get_family
 from moekit.families.base import SCALE
 from moekit.models import MoEDecoder
 from moekit.models.quantize import QuantConfig, quantize_model
+from moekit.weights.expert_cache import buffer_for
 from moekit.weights.gguf_file import Metadata, open_gguf
 from moekit.weights.gguf_tensors import FLOAT, GGUFSlice
 from moekit.weights.io import CheckpointError
@@ -325,14 +326,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     path = plan.path
     model = _allocate(plan.on_meta(device, kernels), plan.dtype, device)
     views = model.named_views()
-    reads = plan.reads(views)
-    buffer = torch.empty(max(s.nbytes for s, _ in reads), dtype=torch.uint8)  # one, reused: no heap churn
+    reads = [(source, tuple(views[n] for n in names)) for source, names in plan.reads(views)]
+    buffer = buffer_for(reads)
     bad = []
     show = sys.stderr.isatty() if progress is None else progress
     fd = os.open(path, os.O_RDONLY)
     try:
-        for source, names in tqdm(reads, desc=f"loading {path.name}", unit="tensor", disable=not show):
-            filled = tuple(views[n] for n in names)
+        for source, filled in tqdm(reads, desc=f"loading {path.name}", unit="tensor", disable=not show):
             source.fill(fd, filled, buffer=buffer)
             v = filled[-1]  # the weight, or a quantised one's scales
             if v.is_floating_point() and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):

@@ -91,16 +91,15 @@ def _unpermute_value(v, heads: int):
     return unpermute(v, heads)
 
 
-def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> torch.Tensor:
-    """Copy one GGUF matrix into the model; returns the view that holds its values (the scales when quantised).
-
-    A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight byte for byte (``view`` its data,
-    ``scale`` its scales) and is dequantised into a floating-point one (``scale`` None).
-    """
+def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> None:
+    """Copy one GGUF matrix into the model. A Q8_0 / Q4_0 source (a QuantWeight) fills a quantised weight
+    byte for byte (``view`` its data, ``scale`` its scales) and is dequantised into a floating-point one
+    (``scale`` None)."""
     if scale is not None:
         view.copy_(value.data)
-        return scale.copy_(value.scale)
-    return view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
+        scale.copy_(value.scale)
+    else:
+        view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
 
 
 def store_into(views, value, dtype: torch.dtype) -> None:

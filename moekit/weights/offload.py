@@ -45,7 +45,7 @@ from moekit.kernels.weights import QuantWeight
 from moekit.models import MoEDecoder
 from moekit.models.moe import MoE
 from moekit.models.quantize import QuantConfig, quantize_model
-from moekit.weights.expert_cache import PAGE, Expert, ExpertCache, Stored, size, virtual
+from moekit.weights.expert_cache import PAGE, Expert, ExpertCache, Stored, buffer_for, size, virtual
 from moekit.weights.io import CheckpointError
 from moekit.weights.load import (
     SAFE_DTYPES,
@@ -267,6 +267,7 @@ def _read_resident(path: Path, reads: list, views: dict, show: bool) -> None:
     by_file: dict[Path, list] = {}
     for source, names in reads:
         by_file.setdefault(source.path, []).append((source, tuple(views[n] for n in names)))
+    buffer = buffer_for([r for todo in by_file.values() for r in todo])
     not_finite = []
     with tqdm(total=sum(src.nbytes for src, _ in reads), desc=f"loading {path.name} (experts on demand)",
               unit="B", unit_scale=True, disable=not show) as bar:
@@ -275,7 +276,7 @@ def _read_resident(path: Path, reads: list, views: dict, show: bool) -> None:
             try:
                 sums = []
                 for source, vs in todo:
-                    source.fill(fd, vs)
+                    source.fill(fd, vs, buffer=buffer)
                     sums += [(source.name, v, v.sum()) for v in vs if v.is_floating_point()]  # while in cache
                     bar.update(source.nbytes)
             finally:
@@ -295,11 +296,10 @@ def _experts(stacks: dict, reads: list, views: dict) -> dict:
     for source, names in reads:
         m = EXPERT.fullmatch(names[0])
         by_key.setdefault((int(m[1]), int(m[2])), []).append((source, tuple(views[n] for n in names)))
-    out = {}
+    out, own = {}, {layer: {t.data_ptr() for t in paged} for layer, paged in stacks.items()}
     for (layer, e), rd in by_key.items():
         spans = [(t.data_ptr() + e * _nbytes(t[0]), _nbytes(t[0])) for t in stacks[layer]]
-        own = {t.data_ptr() for t in stacks[layer]}
-        filled = sum(_nbytes(v) for _, vs in rd for v in vs if _root(v).data_ptr() in own)
+        filled = sum(_nbytes(v) for _, vs in rd for v in vs if _root(v).data_ptr() in own[layer])
         out[(layer, e)] = Expert(spans, rd, filled == sum(n for _, n in spans))
     return out
 
