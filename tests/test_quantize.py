@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moekit
-from moekit.kernels.weights import QuantWeight, pack_int4, unpack_int4
+from moekit.kernels.weights import QUANT_PIECE, QuantWeight, pack_int4, unpack_int4
 from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights import CheckpointError
 from tests.conftest import CASE_IDS
@@ -114,8 +114,10 @@ print(json.dumps({"grew": rss("VmHWM:") - before, "weights": weights}))
 
 
 def test_quantize_at_load_never_holds_the_float_model(tmp_path):
-    """quantize= quantises each matrix as it is read: loading 48 MiB of bfloat16 weights as int4 grows the
-    process by the int4 model (about a third) and one shard's mapped pages, not by the bfloat16 model."""
+    """quantize= quantises each matrix as it is read: loading 96 MiB of bfloat16 weights as int4 grows the
+    process by the int4 model (about a third), one shard's mapped pages (4 MiB), one float32 piece and the
+    allocator's slack (4 MiB each; 1.3-7.8 MiB of all three were measured over the model), not by the
+    bfloat16 model."""
     import subprocess
     import sys
 
@@ -131,13 +133,13 @@ def test_quantize_at_load_never_holds_the_float_model(tmp_path):
         moekit.save(model.to(torch.bfloat16), folder, max_shard_bytes=4 << 20)  # mapped pages: one shard at most
         return sum(p.numel() * 2 for p in model.parameters())
 
-    bf16 = write(tmp_path / "m", 8)
+    bf16 = write(tmp_path / "m", 16)
     write(tmp_path / "twin", 1)
     r = subprocess.run([sys.executable, "-c", QUANTISED_LOAD, str(tmp_path / "m"), str(tmp_path / "twin")],
                        capture_output=True, text=True, check=True)
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["weights"] < 0.35 * bf16
-    assert got["grew"] <= got["weights"] + 6 * 2**20 < 0.5 * bf16, got
+    assert got["grew"] <= got["weights"] + (4 << 20) + QUANT_PIECE + (4 << 20) < 0.5 * bf16, got
 
 
 def test_widths_the_group_does_not_divide_stay_in_floating_point(checkpoints):
