@@ -8,6 +8,7 @@ without either the converter tests skip. It runs with its own gguf-py. Checkpoin
 models written by ``moekit.save`` with real trained tokenizers (tests/tokfixtures.py).
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -187,10 +188,11 @@ def rounded_reference(folder: Path, file: Path, kind: str):
 
 
 def rewrite(src: Path, dst: Path, arch: str | None = None, drop: tuple[str, ...] = (), meta: dict | None = None,
-            split: bool = False) -> Path:
+            split: bool = False, experts_as: str | None = None) -> Path:
     """A copy of a GGUF file with another architecture name (its keys renamed), without some tensors, with
-    metadata changed or added (None removes a key), or (split) with one tensor per expert as the first
-    Mixtral GGUF files had them (blk.N.ffn_gate.E.weight instead of blk.N.ffn_gate_exps.weight)."""
+    metadata changed or added (None removes a key), (split) with one tensor per expert as the first
+    Mixtral GGUF files had them (blk.N.ffn_gate.E.weight instead of blk.N.ffn_gate_exps.weight), or with
+    its stacked expert matrices quantised to type ``experts_as`` by llama.cpp (ggml_quantize)."""
     r = gguf.GGUFReader(src)
     old = r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch or old)
@@ -209,6 +211,8 @@ def rewrite(src: Path, dst: Path, arch: str | None = None, drop: tuple[str, ...]
         if split and "_exps." in t.name:
             for e, part in enumerate(t.data):
                 w.add_tensor(t.name.replace("_exps.", f".{e}."), np.array(part), raw_dtype=t.tensor_type)
+        elif experts_as and "_exps." in t.name:
+            w.add_tensor(t.name, ggml_quantize(t, experts_as), raw_dtype=gguf.GGMLQuantizationType[experts_as])
         elif t.name not in drop:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -223,3 +227,22 @@ def one_line_error(path: Path, *parts: str) -> None:
         moekit.load(path)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and all(p in msg for p in parts), msg
+
+
+def ggml_quantize(t, kind: str) -> np.ndarray:
+    """GGUF tensor ``t`` quantised to ``kind`` by llama.cpp with a uniform importance matrix: ggml_quantize_chunk
+    of the libggml that llama-cpp-python ships, the function llama-quantize calls. For the IQ types that need
+    an importance matrix, which llama-cpp-python's llama_model_quantize cannot be given (it refuses IQ3_XXS)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = np.ascontiguousarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    n = x.shape[-1]
+    out, ones = np.empty((*x.shape[:-1], n // block * size), np.uint8), np.ones(n, np.float32)
+    assert lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, x.size // n, n, ones.ctypes.data) \
+        == out.nbytes
+    return out

@@ -74,7 +74,8 @@ def llama_cpp_logits(file, ids: list[int]) -> np.ndarray:
 
 def apus_file(converter, tmp_path_factory, ftype: str):
     """A Mixtral-layout (APUS) checkpoint, converted to F16 by llama.cpp's converter ("f16"), then quantised to
-    ``ftype`` by llama.cpp's quantizer; built once per session."""
+    ``ftype`` by llama.cpp's quantizer (IQ3_XXS: its experts by ggml_quantize_chunk, with a uniform importance
+    matrix); built once per session."""
     root = tmp_path_factory.getbasetemp() / "apus"
     folder = root / "apus"
     if not folder.exists():  # K-quant rows are 256 values: every matrix dimension a multiple of 256
@@ -83,6 +84,8 @@ def apus_file(converter, tmp_path_factory, ftype: str):
     f16, file = convert(converter, folder, "f16"), root / f"apus-{ftype}.gguf"
     if ftype == "f16" or file.exists():
         return f16 if ftype == "f16" else file
+    if ftype == "IQ3_XXS":
+        return rewrite(f16, file, experts_as=ftype)
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
@@ -90,14 +93,15 @@ def apus_file(converter, tmp_path_factory, ftype: str):
     return file
 
 
-@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", ["Q2_K", "IQ3_XXS", "Q3_K_M", "Q4_K_M"])
 def test_apus_release_types_from_llama_cpps_quantizer(converter, tmp_path_factory, ftype):
-    """Three of the types APUS-xDAN-4.0-MoE is published in (Q2_K, Q3_K_M, Q4_K_M; its IQ3_XXS needs an
-    importance matrix, which llama-cpp-python cannot give the quantizer), written by llama.cpp's own quantizer
-    from its converter's F16 file of a Mixtral-layout checkpoint (APUS's): moekit dequantises every block
-    through gguf-py and computes what llama.cpp computes on the same file. llama.cpp multiplies these blocks
-    with activations rounded to 8 bits (Q8_K), so the logits differ by about 3% here (2.2% for a Q8_0 file,
-    whose blocks moekit reads exactly), a small part of what the quantisation itself changed (38-88%):
+    """The four types APUS-xDAN-4.0-MoE is published in, written by llama.cpp's own quantizer from its
+    converter's F16 file of a Mixtral-layout checkpoint (APUS's). IQ3_XXS needs an importance matrix, which
+    llama-cpp-python cannot give the quantizer: its experts come from ggml's quantize function with a uniform
+    one, the rest stays F16. moekit dequantises every block through gguf-py and computes what llama.cpp
+    computes on the same file. llama.cpp multiplies these blocks with activations rounded to 8 bits (Q8_K), so
+    the logits differ by 1.6-3.2% here (2.2% for a Q8_0 file, whose blocks moekit reads exactly), a small part
+    of what the quantisation itself changed (28-88%):
     both read the same weights."""
     file, f16 = apus_file(converter, tmp_path_factory, ftype), apus_file(converter, tmp_path_factory, "f16")
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(file).tensors if "_exps" in t.name}

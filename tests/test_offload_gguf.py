@@ -1,7 +1,7 @@
 """Expert offload from a GGUF file (``moekit.load("x.gguf", max_memory=GiB)``): every expert read from its
 byte range in the file. Under a budget that forces evictions, logits, greedy tokens and engine logprobs equal
 ``moekit.load("x.gguf")``'s bit for bit: F16 / BF16 / F32 read or converted, Q8_0 / Q4_0 kept as int8 / int4,
-K-quants from llama.cpp's own quantizer dequantised, in files from moekit's exporter and llama.cpp's
+K-quants and IQ3_XXS from llama.cpp's own quantizer dequantised, in files from moekit's exporter and llama.cpp's
 converter; with quantize=, every matrix quantised as it is read (from a checkpoint folder too). A damaged
 file is named as without offload."""
 
@@ -14,7 +14,7 @@ import moekit
 from moekit.weights import CheckpointError
 from moekit.weights.gguf_export import export_checkpoint
 from tests.familyref.checkpoints import make_checkpoint
-from tests.ggufconv import convert
+from tests.ggufconv import convert, rewrite
 from tests.offloadfix import assert_same_as_in_memory, tight_budget
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is a moekit dependency (pip install -e .)")
@@ -76,20 +76,25 @@ def test_llama_cpp_converted_file_offloads_and_generates(converter, mixtral, inp
     assert offloaded.stdout == run().stdout and "hit the cache" in offloaded.stderr
 
 
-def test_k_quants_from_llama_cpp_offload(tmp_path, input_ids):
-    """llama.cpp's quantizer at Q4_K_M (Q4_K and Q6_K rows, plus its fallbacks) on a moekit F16 export: the
-    experts are dequantised by gguf-py on every read, and the model equals the in-memory one."""
+@pytest.mark.parametrize("ftype, kind", [("Q4_K_M", "Q4_K"), ("IQ3_XXS", "IQ3_XXS")])
+def test_k_quants_from_llama_cpp_offload(tmp_path, input_ids, ftype, kind):
+    """llama.cpp's quantizer at Q4_K_M (Q4_K and Q6_K rows, plus its fallbacks) on a moekit F16 export, or its
+    IQ3_XXS experts (ggml_quantize_chunk, see tests/ggufconv.py): the experts are dequantised by gguf-py on
+    every read, and the model equals the in-memory one."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (.ci/run installs it)")
     folder = tmp_path / "m"
     make_checkpoint("mixtral", folder, seed=5, hidden_size=256, intermediate_size=256, num_local_experts=4,
                     num_hidden_layers=2)
-    f16, file = tmp_path / "m-f16.gguf", tmp_path / "m-q4_k_m.gguf"
+    f16, file = tmp_path / "m-f16.gguf", tmp_path / f"m-{ftype}.gguf"
     export_checkpoint(folder, f16, "f16", progress=False)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(file).encode(), params) == 0
+    if ftype == "IQ3_XXS":
+        rewrite(f16, file, experts_as=ftype)
+    else:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        assert llama_cpp.llama_model_quantize(str(f16).encode(), str(file).encode(), params) == 0
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(file).tensors if "exps" in t.name}
-    assert "Q4_K" in kinds, kinds
+    assert kind in kinds, kinds
     ref = moekit.load(file)
     off = moekit.load(file, max_memory=tight_budget(file))
     assert ref.quant is None  # K-quants are dequantised
