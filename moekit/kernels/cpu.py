@@ -222,6 +222,8 @@ class CpuKernels:
             raise ValueError(f"gemm={self.pick['gemm']!r}: use one of {', '.join(GEMMS)}")
         self.aten = self.pick["gemm"] == "aten"
         self._said: set[tuple[str, str]] = set()
+        self.dequant_kinds = frozenset(self.ext.dequant_kinds())
+        self._iq3_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def advise_weights(self, tensors) -> None:
         advise_weights(tensors)
@@ -235,6 +237,19 @@ class CpuKernels:
             for m in model.modules():
                 if isinstance(m, QuantWeight):
                     m.to_panels()
+
+    def dequantize(self, raw: torch.Tensor, kind: str, K: int) -> torch.Tensor:
+        """GGUF blocks (uint8 [R, bytes]) as float32 [R, K]: moekit's kernels for the K-quants and IQ3_XXS
+        (bit for bit gguf-py's values, 10-70x its speed), gguf-py for any other type."""
+        if kind not in self.dequant_kinds:
+            return reference.dequantize(raw, kind, K)
+        if self._iq3_tables is None:  # IQ3_XXS's grid and sign bytes, as gguf-py holds them
+            from gguf.quants import IQ2_XXS, IQ3_XXS
+
+            IQ3_XXS.init_grid()
+            self._iq3_tables = (torch.from_numpy(IQ3_XXS.grid.reshape(256, 4).copy()),
+                                torch.frombuffer(bytearray(IQ2_XXS.ksigns), dtype=torch.uint8))
+        return self.ext.dequant(raw.contiguous(), kind, K, *self._iq3_tables)
 
     def fused_decoder(self, model):
         """(the whole-model decode step of ``model`` for the engine, or None, and why not): cpu_decode.py."""
@@ -261,6 +276,8 @@ class CpuKernels:
                 "paged_attention": f"moekit: row kernel over the block table (<= {PAGED_ROW_MAX} new tokens of a "
                                    "request), flash over gathered key blocks (more)",
                 "rms_norm, rotary, route": "moekit",
+                "GGUF blocks (loading)": "moekit dequantisation: " + ", ".join(sorted(self.dequant_kinds))
+                                         + "; gguf-py: other types",
                 "engine decode steps": "the whole forward in one C++ call (<= 32 requests; cpu_decode.py)"}
 
     def _fallback(self, op: str, reason: str):

@@ -157,3 +157,12 @@ def paged_attention(q_NHA: torch.Tensor, k_PGCA: torch.Tensor, v_PGCA: torch.Ten
                                            attn_mask=mask_TS, scale=scale, enable_gqa=H != G)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
+
+
+def dequantize(raw: torch.Tensor, kind: str, K: int) -> torch.Tensor:
+    """GGUF blocks of GGML type ``kind`` (uint8 [R, bytes]) as float32 [R, K]: gguf-py's numpy dequantisation,
+    the spec of the CPU backend's kernels for K-quants and IQ3_XXS."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    return torch.from_numpy(gguf_dequantize(raw.numpy(), GGMLQuantizationType[kind])).reshape(len(raw), K)

@@ -3,8 +3,9 @@ one expert of a stacked one) from its byte range in the file into the model.
 
 GGUF dims are reversed against numpy (gguf-py's reader undoes that). F32 / F16 / BF16 are copied;
 Q8_0 and Q4_0 blocks are moekit's int8 / int4 :class:`QuantWeight` layouts with group 32 (the same
-bytes, :func:`copy_blocks`); every other type is dequantised by gguf-py. ``llama``, ``deepseek`` and
-``bailingmoe`` store the Q/K rows permuted for llama.cpp's rotary layout (:func:`unpermute`).
+bytes, :func:`copy_blocks`); every other type is dequantised by the model's kernel backend
+(``Backend.dequantize``: the CPU backend's C++ kernels for K-quants and IQ3_XXS, gguf-py otherwise).
+``llama``, ``deepseek`` and ``bailingmoe`` store the Q/K rows permuted for llama.cpp's rotary layout (:func:`unpermute`).
 
 Reads are ``preadv`` calls at the tensor's offset, not a memory map: the mapped pages of a file
 count in the process's resident set while mapped, so loading through the map took the file's size
@@ -14,7 +15,7 @@ expert offload (:mod:`moekit.weights.offload`) use the same reads:
 
 - F32 / F16 / BF16 into a CPU view of the same dtype: straight into the model's memory;
 - Q8_0 / Q4_0 the model keeps: through a buffer of the bytes, split into data and scales;
-- anything else: through that buffer, converted in pieces of rows (dequantised by gguf-py, and
+- anything else: through that buffer, converted in pieces of rows (dequantised, and
   quantised again when the model's matrix is int8 / int4 in another format or group: loading with
   ``quantize=``), so the float32 temporaries stay near :data:`PIECE` bytes whatever the tensor's size.
 """
@@ -24,12 +25,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from moekit.kernels import reference
 from moekit.kernels.weights import QuantWeight, quantize_into
 from moekit.weights.expert_cache import pread_exact, read_buffer
 
@@ -63,18 +66,18 @@ def quant_weight(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> QuantWei
     return w
 
 
-def tensor_value(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> torch.Tensor | QuantWeight:
-    """One GGUF matrix (or vector) as a torch tensor over the mapped bytes, or a QuantWeight."""
+def tensor_value(raw: np.ndarray, kind: str, shape: tuple[int, ...],
+                 dequantize: Callable = reference.dequantize) -> torch.Tensor | QuantWeight:
+    """One GGUF matrix (or vector) as a torch tensor over the given bytes, or a QuantWeight; other block
+    types through ``dequantize`` (a kernel backend's)."""
     if kind in ("F32", "F16"):
         return _from_numpy(raw).reshape(shape)
     if kind == "BF16":  # gguf-py gives the raw bytes
         return _from_numpy(raw).view(torch.bfloat16).reshape(shape)
     if kind in ("Q8_0", "Q4_0") and len(shape) >= 2 and shape[-1] % 32 == 0:
         return quant_weight(raw, kind, shape)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(dequantize(np.asarray(raw), GGMLQuantizationType[kind])).reshape(shape)
+    rows = _from_numpy(np.asarray(raw)).reshape(math.prod(shape[:-1]), -1)
+    return dequantize(rows, kind, shape[-1]).reshape(shape)
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -123,8 +126,8 @@ def store_into(views, value, dtype: torch.dtype) -> None:
 @dataclass(frozen=True)
 class GGUFSlice:
     """One GGUF tensor, or one expert of a stacked one: file, absolute byte offset and size, GGML
-    type, logical shape, the head count whose Q/K rows to unpermute (0: none), and the model's compute
-    dtype (values quantised on the way in are rounded to it first)."""
+    type, logical shape, the head count whose Q/K rows to unpermute (0: none), the model's compute
+    dtype (values quantised on the way in are rounded to it first), and its kernel backend's dequantize."""
 
     path: Path
     name: str
@@ -134,6 +137,7 @@ class GGUFSlice:
     shape: tuple[int, ...]
     heads: int = 0
     dtype: torch.dtype = torch.float32
+    dequantize: Callable = reference.dequantize
 
     def direct(self, views: tuple[torch.Tensor, ...]) -> bool:
         """Whether the bytes can be read straight into the one view (same dtype, contiguous, in order; in
@@ -166,14 +170,14 @@ class GGUFSlice:
                 if self.kept(views):  # Q8_0 / Q4_0 as int8 / int4 with group 32: straight into data and scales
                     copy_blocks(buf, *views)
                 elif (self.kind in FLOAT and len(views) == 1) or self.heads:  # whole (small, or no temporary)
-                    value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape)
+                    value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape, self.dequantize)
                     store_into(views, _unpermute_value(value, self.heads) if self.heads else value, self.dtype)
                 else:  # converted a piece of rows at a time
                     raw, K = self._raw(buf.numpy()), self.shape[-1]
                     out, step = [v.view(len(raw), -1) for v in views], max(1, PIECE // (4 * K))
                     for r in range(0, len(raw), step):
                         piece = raw[r:r + step]
-                        value = tensor_value(piece, self.kind, (len(piece), K))
+                        value = tensor_value(piece, self.kind, (len(piece), K), self.dequantize)
                         store_into([v[r:r + len(piece)] for v in out], value, self.dtype)
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)

@@ -138,7 +138,7 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
 
         plan = plan_gguf(path, dtype, quantize, group)
         meta, dtype = plan.on_meta(device, kernels), plan.dtype
-        reads = plan.reads(meta.named_views())
+        reads = plan.reads(meta.named_views(), meta.kernels.dequantize)
     else:
         meta, dtype, reads = _safetensors_sources(Path(path), dtype, device, kernels,
                                                   QuantConfig.requested(quantize, group))

@@ -13,6 +13,9 @@ bool has_avx512_bf16() {
 #endif
 }
 void bind_decoder(pybind11::module_& m);  // decode.cpp
+torch::Tensor dequant(const torch::Tensor& raw, const std::string& kind, int64_t K, const torch::Tensor& grid,
+                      const torch::Tensor& ksigns);  // dequant.cpp
+std::vector<std::string> dequant_kinds();
 }  // namespace moekit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -35,6 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &moekit::attention, "attention of a few query tokens over a KV cache slice");
   m.def("paged_attention", &moekit::paged_attention, "causal attention of many requests' new tokens over a paged KV cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("table"), py::arg("starts"), py::arg("lens"), py::arg("scale"));
+  m.def("dequant", &moekit::dequant, "GGUF K-quant / IQ3_XXS blocks [R, bytes] -> float32 [R, K]", py::arg("raw"),
+        py::arg("kind"), py::arg("K"), py::arg("grid"), py::arg("ksigns"));
+  m.def("dequant_kinds", &moekit::dequant_kinds, "the GGML types dequant takes");
   moekit::bind_decoder(m);
   m.def("has_avx512_bf16", &moekit::has_avx512_bf16, "whether vdpbf16ps is compiled in");
 }
