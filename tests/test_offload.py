@@ -65,6 +65,17 @@ def test_quantised_scales_that_are_not_whole_pages_stay_resident(folders):
     assert reads == {"weight"}  # data only: the scales were read at load time
 
 
+def test_layers_without_whole_page_experts_stay_resident(checkpoints, input_ids):
+    """A checkpoint whose int8 experts are not whole 4 KiB pages each: nothing to page, every layer resident
+    and computing as in memory (the cache used to be asked for experts it never held)."""
+    folder, _, _ = checkpoints("mixtral")
+    ref = moekit.load(folder, quantize="int8")
+    off = moekit.load(folder, quantize="int8", max_memory=64)
+    assert not off.offload.experts and off.offload_stats()["misses"] == 0
+    with torch.no_grad():
+        assert torch.equal(off(input_ids), ref(input_ids))
+
+
 @pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need AVX-512")
 def test_cpu_kernels_offloaded_equal_in_memory(folders, input_ids):
     folder = folders("mixtral-bf16")

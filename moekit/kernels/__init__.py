@@ -2,10 +2,11 @@
 
 A :class:`Backend` holds the functions of :mod:`moekit.kernels.reference`
 (``linear``, ``mlp``, ``route``, ``moe_experts``, ``rms_norm``, ``attention``,
-``rotary``, ``paged_attention``; ``dequantize``, GGUF blocks to float32 for the loader; ``advise_weights``,
-called on freshly allocated, not yet filled weights by the loader; ``prepare_weights``, called by the loader
-on the filled model, where a backend may rearrange weights for its kernels; ``fused_decoder``, where a
-backend can run a whole decode step in one call, for the engine)
+``rotary``, ``paged_attention``; for the loader ``dequantize``, GGUF blocks to float32, and
+``quantize_into``, float weights to int8 / int4; ``advise_weights``, called on freshly allocated, not yet
+filled weights by the loader; ``prepare_weights``, called by the loader on the filled model, where a backend
+may rearrange weights for its kernels; ``fused_decoder``, where a backend can run a whole decode step in one
+call, for the engine)
 and ``paths``, what runs each op. It is chosen once, when a model is built
 (``MoEDecoder(cfg, kernels=...)``), never per call:
 
@@ -57,6 +58,7 @@ class Backend:
     route: Callable
     paged_attention: Callable = reference.paged_attention
     dequantize: Callable = reference.dequantize  # (GGUF blocks uint8 [R, bytes], GGML type, K) -> float32 [R, K]
+    quantize_into: Callable = reference.quantize_into  # (w [.., N, K], data, scale, dtype): int8 / int4 in place
     advise_weights: Callable = _no_advice
     prepare_weights: Callable = _as_loaded  # (model) once its weights are filled
     fused_decoder: Callable | None = None  # (model) -> (a whole-model decode step, or None, and why not)
@@ -67,6 +69,7 @@ class Backend:
     def of(cls, name: str, impl, paths: dict[str, str], reason: str = "") -> Backend:
         return cls(name, impl.linear, impl.mlp, impl.moe_experts, impl.rms_norm, impl.attention, impl.rotary,
                    impl.route, impl.paged_attention, getattr(impl, "dequantize", reference.dequantize),
+                   getattr(impl, "quantize_into", reference.quantize_into),
                    getattr(impl, "advise_weights", _no_advice),
                    getattr(impl, "prepare_weights", _as_loaded), getattr(impl, "fused_decoder", None), paths,
                    reason)

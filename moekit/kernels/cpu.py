@@ -37,7 +37,7 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.kernels import reference
-from moekit.kernels.weights import ExpertWeights, QuantWeight, Weight, quantized
+from moekit.kernels.weights import QUANT_PIECE, ExpertWeights, QuantWeight, Weight, quantize_into, quantized
 from moekit.machine import OtherLoad, cpu_info
 
 SOURCES = Path(__file__).with_name("cpu")
@@ -251,6 +251,27 @@ class CpuKernels:
                                 torch.frombuffer(bytearray(IQ2_XXS.ksigns), dtype=torch.uint8))
         return self.ext.dequant(raw.contiguous(), kind, K, *self._iq3_tables)
 
+    @torch.no_grad()
+    def quantize_into(self, w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> None:
+        """:func:`moekit.kernels.weights.quantize_into` (its values bit for bit) in one pass without float32
+        temporaries, for float32 / bfloat16 rows (float16: a piece of rows at a time, made float32) rounded
+        to float32 or bfloat16; anything else on the reference."""
+        K = w.shape[-1]
+        rows, d, s = w.reshape(-1, K), data.view(-1, data.shape[-1]), scale.view(-1, scale.shape[-1])
+        if dtype not in (None, torch.float32, torch.bfloat16) or rows.stride(-1) != 1:
+            return quantize_into(w, data, scale, dtype)
+        bf = dtype == torch.bfloat16 and w.dtype != torch.bfloat16
+        if w.dtype in DTYPES:
+            self.ext.quantize(rows, d, s, bf)
+            return None
+        if not w.is_floating_point():
+            return quantize_into(w, data, scale, dtype)
+        step = max(1, QUANT_PIECE // (4 * K))
+        for r in range(0, len(rows), step):
+            self.ext.quantize(rows[r:r + step].float(), d[r:r + step], s[r:r + step], bf)
+        return None
+
     def fused_decoder(self, model):
         """(the whole-model decode step of ``model`` for the engine, or None, and why not): cpu_decode.py."""
         from moekit.kernels import cpu_decode
@@ -276,8 +297,8 @@ class CpuKernels:
                 "paged_attention": f"moekit: row kernel over the block table (<= {PAGED_ROW_MAX} new tokens of a "
                                    "request), flash over gathered key blocks (more)",
                 "rms_norm, rotary, route": "moekit",
-                "GGUF blocks (loading)": "moekit dequantisation: " + ", ".join(sorted(self.dequant_kinds))
-                                         + "; gguf-py: other types",
+                "loading": "moekit: int8 / int4 quantisation (quantize=), GGUF dequantisation of "
+                           + ", ".join(sorted(self.dequant_kinds)) + " (gguf-py: other types)",
                 "engine decode steps": "the whole forward in one C++ call (<= 32 requests; cpu_decode.py)"}
 
     def _fallback(self, op: str, reason: str):

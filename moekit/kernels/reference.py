@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.kernels.weights import ExpertWeights, QuantWeight, Weight, dense
+from moekit.kernels.weights import ExpertWeights, QuantWeight, Weight, dense, quantize_into  # noqa: F401 (spec)
 
 
 def silu_mul(h_TF2: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,13 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from moekit.errors import MoekitError
-from moekit.kernels.weights import QUANT_PIECE, quantize_into
+from moekit.kernels import reference
+from moekit.kernels.weights import QUANT_PIECE
 from moekit.weights.io import CheckpointError
 
 PAGE = mmap.PAGESIZE
@@ -142,8 +143,8 @@ class Source(Protocol):
 @dataclass(frozen=True)
 class Stored:
     """Where one safetensors tensor's bytes are: file, absolute byte offset, size, dtype, shape (a
-    :class:`Source` filling one view, or quantised into a (data, scales) pair, its values rounded to
-    ``compute`` first)."""
+    :class:`Source` filling one view, or quantised into a (data, scales) pair by ``kernels.quantize_into``,
+    a kernel backend's, its values rounded to ``compute`` first)."""
 
     path: Path
     name: str
@@ -152,6 +153,7 @@ class Stored:
     dtype: torch.dtype
     shape: tuple[int, ...]
     compute: torch.dtype | None = None
+    kernels: Any = reference
 
     def direct(self, view: torch.Tensor) -> bool:
         """Whether the file's bytes can be read straight into ``view`` (same dtype, contiguous)."""
@@ -172,7 +174,7 @@ class Stored:
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
         if len(views) == 2:
-            quantize_into(buf.view(self.dtype).view(self.shape), *views, dtype=self.compute)
+            self.kernels.quantize_into(buf.view(self.dtype).view(self.shape), *views, dtype=self.compute)
         elif buf is not view:
             view.copy_(buf.view(self.dtype).view(self.shape))
 

@@ -249,10 +249,10 @@ class Plan:
         part = g.split(".")[-2]
         return {"attn_q": self.cfg.num_heads, "attn_k": self.cfg.num_kv_heads}.get(part, 0) if self.permuted else 0
 
-    def reads(self, names, dequantize=reference.dequantize) -> list[tuple[GGUFSlice, tuple[str, ...]]]:
+    def reads(self, names, kernels=reference) -> list[tuple[GGUFSlice, tuple[str, ...]]]:
         """[(slice, names of the views it fills)] for every tensor, each expert of a stacked one its own
         slice; ``names``: the model's view names (an int8 / int4 matrix fills its data and scales);
-        ``dequantize``: the model's kernel backend's, for block types the model does not keep."""
+        ``kernels``: the model's kernel backend, which converts values the model does not keep as they are."""
         out = []
         for g, targets in self.sources.items():
             t = self.tensors[g]
@@ -261,11 +261,11 @@ class Plan:
                 fills = (name, name + SCALE) if name + SCALE in names else (name,)
                 if index is None:
                     out.append((GGUFSlice(self.path, g, t.data_offset, t.n_bytes, kind, shape, self.heads(g),
-                                          self.dtype, dequantize), fills))
+                                          self.dtype, kernels), fills))
                 else:
                     each = t.n_bytes // shape[0]
                     out.append((GGUFSlice(self.path, g, t.data_offset + index * each, each, kind, shape[1:],
-                                          dtype=self.dtype, dequantize=dequantize), fills))
+                                          dtype=self.dtype, kernels=kernels), fills))
         return out
 
 
@@ -329,7 +329,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     model = _allocate(plan.on_meta(device, kernels), plan.dtype, device)
     views = model.named_views()
     reads = [(source, tuple(views[n] for n in names))
-             for source, names in plan.reads(views, model.kernels.dequantize)]
+             for source, names in plan.reads(views, model.kernels)]
     buffer = buffer_for(reads)
     bad = []
     show = sys.stderr.isatty() if progress is None else progress

@@ -5,7 +5,8 @@ GGUF dims are reversed against numpy (gguf-py's reader undoes that). F32 / F16 /
 Q8_0 and Q4_0 blocks are moekit's int8 / int4 :class:`QuantWeight` layouts with group 32 (the same
 bytes, :func:`copy_blocks`); every other type is dequantised by the model's kernel backend
 (``Backend.dequantize``: the CPU backend's C++ kernels for K-quants and IQ3_XXS, gguf-py otherwise).
-``llama``, ``deepseek`` and ``bailingmoe`` store the Q/K rows permuted for llama.cpp's rotary layout (:func:`unpermute`).
+``llama``, ``deepseek`` and ``bailingmoe`` store the Q/K rows permuted for llama.cpp's rotary layout
+(:func:`unpermute`).
 
 Reads are ``preadv`` calls at the tensor's offset, not a memory map: the mapped pages of a file
 count in the process's resident set while mapped, so loading through the map took the file's size
@@ -28,12 +29,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from moekit.kernels import reference
-from moekit.kernels.weights import QuantWeight, quantize_into
+from moekit.kernels.weights import QuantWeight
 from moekit.weights.expert_cache import pread_exact, read_buffer
 
 FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -105,10 +107,11 @@ def store(view: torch.Tensor, scale: torch.Tensor | None, value) -> None:
         view.copy_(value.dequantize(view.dtype) if isinstance(value, QuantWeight) else value.reshape(view.shape))
 
 
-def store_into(views, value, dtype: torch.dtype) -> None:
+def store_into(views, value, dtype: torch.dtype, quantize_into: Callable = reference.quantize_into) -> None:
     """One matrix (a tensor, or a Q8_0 / Q4_0 QuantWeight) into (weight,), or into (data, scales): byte for
     byte when it is already in their format (int8 data, or int4 packed in uint8) and group (columns per
-    scale), else rounded to ``dtype`` and quantised to it, as loading in ``dtype`` and then quantising would."""
+    scale), else rounded to ``dtype`` and quantised to it (by ``quantize_into``, a kernel backend's), as
+    loading in ``dtype`` and then quantising would."""
     if len(views) == 1:
         store(views[0], None, value)
         return
@@ -127,7 +130,8 @@ def store_into(views, value, dtype: torch.dtype) -> None:
 class GGUFSlice:
     """One GGUF tensor, or one expert of a stacked one: file, absolute byte offset and size, GGML
     type, logical shape, the head count whose Q/K rows to unpermute (0: none), the model's compute
-    dtype (values quantised on the way in are rounded to it first), and its kernel backend's dequantize."""
+    dtype (values quantised on the way in are rounded to it first), and its kernel backend, whose
+    ``dequantize`` and ``quantize_into`` convert the values (or the reference module's)."""
 
     path: Path
     name: str
@@ -137,7 +141,7 @@ class GGUFSlice:
     shape: tuple[int, ...]
     heads: int = 0
     dtype: torch.dtype = torch.float32
-    dequantize: Callable = reference.dequantize
+    kernels: Any = reference
 
     def direct(self, views: tuple[torch.Tensor, ...]) -> bool:
         """Whether the bytes can be read straight into the one view (same dtype, contiguous, in order; in
@@ -170,15 +174,16 @@ class GGUFSlice:
                 if self.kept(views):  # Q8_0 / Q4_0 as int8 / int4 with group 32: straight into data and scales
                     copy_blocks(buf, *views)
                 elif (self.kind in FLOAT and len(views) == 1) or self.heads:  # whole (small, or no temporary)
-                    value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape, self.dequantize)
-                    store_into(views, _unpermute_value(value, self.heads) if self.heads else value, self.dtype)
+                    value = tensor_value(self._raw(buf.numpy()), self.kind, self.shape, self.kernels.dequantize)
+                    store_into(views, _unpermute_value(value, self.heads) if self.heads else value, self.dtype,
+                               self.kernels.quantize_into)
                 else:  # converted a piece of rows at a time
                     raw, K = self._raw(buf.numpy()), self.shape[-1]
                     out, step = [v.view(len(raw), -1) for v in views], max(1, PIECE // (4 * K))
                     for r in range(0, len(raw), step):
                         piece = raw[r:r + step]
-                        value = tensor_value(piece, self.kind, (len(piece), K), self.dequantize)
-                        store_into([v[r:r + len(piece)] for v in out], value, self.dtype)
+                        value = tensor_value(piece, self.kind, (len(piece), K), self.kernels.dequantize)
+                        store_into([v[r:r + len(piece)] for v in out], value, self.dtype, self.kernels.quantize_into)
         if drop_page_cache:
             os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
 

@@ -24,7 +24,6 @@ from moekit.config import ConfigError, ModelConfig, count_params
 from moekit.errors import MoekitError
 from moekit.families import Family, NameMap, detect_family
 from moekit.families.base import SCALE
-from moekit.kernels.weights import quantize_into
 from moekit.models import MoEDecoder
 from moekit.models.quantize import QuantConfig, quantize_model
 from moekit.weights.io import CheckpointError, iter_shard, read_json, shard_names, weight_files
@@ -275,7 +274,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
                     not_finite.append(f"{file.name}: tensor {name!r} has {int((~torch.isfinite(tensor)).sum())} "
                                       f"NaN or infinite value(s) of {tensor.numel()}")
                 else:  # quantize=: quantised as it is read, from the values the model's dtype holds
-                    quantize_into(tensor, *targets, dtype=dtype)
+                    model.kernels.quantize_into(tensor, *targets, dtype=dtype)
                     sums.append((name, tensor.dtype, targets[1].sum()))  # an overflow makes a scale infinite
             seen.add(name)
         if sums and not bool(torch.isfinite(torch.stack([s.float() for _, _, s in sums])).all()):  # once a shard

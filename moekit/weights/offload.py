@@ -138,7 +138,7 @@ def load_offloaded(path: str | Path, max_memory: float, dtype: torch.dtype | str
 
         plan = plan_gguf(path, dtype, quantize, group)
         meta, dtype = plan.on_meta(device, kernels), plan.dtype
-        reads = plan.reads(meta.named_views(), meta.kernels.dequantize)
+        reads = plan.reads(meta.named_views(), meta.kernels)
     else:
         meta, dtype, reads = _safetensors_sources(Path(path), dtype, device, kernels,
                                                   QuantConfig.requested(quantize, group))
@@ -182,8 +182,8 @@ def _safetensors_sources(folder: Path, dtype, device, kernels,
            f"{folder}: tensors that a {family.name} model with this config.json does not have")
     _raise([f"missing tensor {n!r}" for n in views if n not in stored],
            f"{folder}: tensors the config.json requires are absent")
-    return meta, dtype, [(dataclasses.replace(stored[n], compute=dtype) if len(ours[n]) == 2 else stored[n], ours[n])
-                         for n in views]
+    return meta, dtype, [(dataclasses.replace(stored[n], compute=dtype, kernels=meta.kernels) if len(ours[n]) == 2
+                          else stored[n], ours[n]) for n in views]
 
 
 def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_memory: float,
@@ -225,8 +225,8 @@ def _offload(path: Path, meta: MoEDecoder, dtype: torch.dtype, reads: list, max_
     cache = ExpertCache(_experts(stacks, expert_reads, views), capacity)
     cache.stats.resident_bytes, cache.stats.working_bytes, cache.stats.buffer_bytes = resident, working, scratch
     weakref.finalize(model, cache.close)
-    for layer in moes:  # every MoE layer's expert kernel goes through the cache
-        ffn = model.layers[layer].ffn
+    for layer in stacks:  # the expert kernel of every layer with paged stacks goes through the cache (a layer
+        ffn = model.layers[layer].ffn  # whose stacks are not whole pages per expert stays resident)
         ffn.kernels = dataclasses.replace(ffn.kernels, moe_experts=OffloadedExperts(ffn.kernels.moe_experts, cache,
                                                                                       layer))
     model.offload = cache

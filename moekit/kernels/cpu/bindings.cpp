@@ -14,8 +14,9 @@ bool has_avx512_bf16() {
 }
 void bind_decoder(pybind11::module_& m);  // decode.cpp
 torch::Tensor dequant(const torch::Tensor& raw, const std::string& kind, int64_t K, const torch::Tensor& grid,
-                      const torch::Tensor& ksigns);  // dequant.cpp
+                      const torch::Tensor& ksigns);  // convert.cpp
 std::vector<std::string> dequant_kinds();
+void quantize(const torch::Tensor& w, torch::Tensor& data, torch::Tensor& scale, bool round_bf16);
 }  // namespace moekit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -41,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &moekit::dequant, "GGUF K-quant / IQ3_XXS blocks [R, bytes] -> float32 [R, K]", py::arg("raw"),
         py::arg("kind"), py::arg("K"), py::arg("grid"), py::arg("ksigns"));
   m.def("dequant_kinds", &moekit::dequant_kinds, "the GGML types dequant takes");
+  m.def("quantize", &moekit::quantize, "float32 / bfloat16 rows [R, K] into int8 / int4 data and float16 scales "
+        "(round_bf16: round float32 values to bfloat16 first)", py::arg("w"), py::arg("data"), py::arg("scale"),
+        py::arg("round_bf16"));
   moekit::bind_decoder(m);
   m.def("has_avx512_bf16", &moekit::has_avx512_bf16, "whether vdpbf16ps is compiled in");
 }

@@ -1,7 +1,13 @@
-// Dequantisation of llama.cpp's K-quant and IQ3_XXS blocks to float32 (moekit/weights/gguf_tensors.py reads
-// GGUF files through it when the CPU backend is chosen; gguf-py's numpy code is the reference and the oracle).
+// Weight conversion while loading, for the CPU backend (moekit/weights reads checkpoints through it):
 //
-// Shapes: raw [R, K / 256 * block bytes] uint8 -> out [R, K] float32. Every super-block holds 256 values.
+// - dequant: llama.cpp's K-quant and IQ3_XXS blocks to float32 (gguf-py's numpy code, reference.dequantize,
+//   is the oracle). raw [R, K / 256 * block bytes] uint8 -> out [R, K] float32; every super-block holds 256
+//   values.
+// - quantize: float32 / bfloat16 rows to moekit's int8 / int4 layouts (kernels/weights.py's quantize_into is
+//   the oracle; the same values bit for bit). w [R, K] -> data [R, K] int8 or [R, K / 2] uint8, scale [R, G]
+//   float16, G = K / group.
+//
+// dequant
 // Each value is computed with the operations of llama.cpp's dequantize_row_* in the same order (as gguf-py
 // does), so the results are bit for bit gguf-py's.
 //
@@ -143,7 +149,91 @@ struct Kind {
 constexpr Kind KINDS[] = {{"Q2_K", 84, q2_k},   {"Q3_K", 110, q3_k},   {"Q4_K", 144, q4_k},
                           {"Q5_K", 176, q5_k},  {"Q6_K", 210, q6_k},   {"IQ3_XXS", 98, iq3_xxs}};
 
+// One group of ``n`` values into int8 (qmax 127) or int4 (qmax 7, packed as the Q4_0 layout: byte j of each
+// 32 values holds value j + 8 low and value j + 16 + 8 high): the scale is the float16 nearest absmax / qmax,
+// one step up if that is below it (no value clips), 1 for an all-zero group; q = round-half-even(v / scale).
+template <typename A>
+uint16_t quantize_group(const A* w, int64_t n, bool round_bf16, bool int4, float* v, uint8_t* out) {
+  const int qmax = int4 ? 7 : 127, qmin = int4 ? -8 : -127;
+  float absmax = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 am = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = load16(w + i);
+    if (round_bf16) x = rnd(x, (const bf16*)nullptr);
+    _mm512_storeu_ps(v + i, x);
+    am = _mm512_max_ps(am, _mm512_abs_ps(x));
+  }
+  absmax = _mm512_reduce_max_ps(am);
+#endif
+  for (; i < n; ++i) {
+    v[i] = round_bf16 ? bf2f(f2bf(to_f<A>(w[i]))) : to_f<A>(w[i]);
+    absmax = std::max(absmax, std::fabs(v[i]));
+  }
+  const float s = absmax / qmax;
+  uint16_t h = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (_cvtsh_ss(h) < s && h != 0x7C00) ++h;  // the next float16 up (s > 0)
+  if (!(absmax > 0.f)) h = 0x3C00;  // 1.0
+  const float sc = _cvtsh_ss(h);
+  i = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(sc), lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+  auto q16 = [&](int64_t at) {
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + at), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
+  };
+  if (int4) {
+    const __m512i eight = _mm512_set1_epi32(8);
+    for (; i + 32 <= n; i += 32) {
+      const __m512i a = _mm512_add_epi32(q16(i), eight), b = _mm512_add_epi32(q16(i + 16), eight);
+      _mm_storeu_si128((__m128i*)(out + i / 2), _mm512_cvtepi32_epi8(_mm512_or_si512(a, _mm512_slli_epi32(b, 4))));
+    }
+  } else {
+    for (; i + 16 <= n; i += 16) _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtepi32_epi8(q16(i)));
+  }
+#endif
+  auto q1 = [&](int64_t at) { return (int)std::min<float>(std::max<float>(std::nearbyint(v[at] / sc), qmin), qmax); };
+  if (int4) {
+    for (; i + 32 <= n; i += 32)
+      for (int j = 0; j < 16; ++j) out[i / 2 + j] = uint8_t((q1(i + j) + 8) | ((q1(i + j + 16) + 8) << 4));
+  } else {
+    for (; i < n; ++i) out[i] = uint8_t(int8_t(q1(i)));
+  }
+  return h;
+}
+
 }  // namespace
+
+void quantize(const torch::Tensor& w, torch::Tensor& data, torch::Tensor& scale, bool round_bf16) {
+  const bool int4 = data.scalar_type() == torch::kUInt8;
+  TORCH_CHECK(w.dim() == 2 && data.dim() == 2 && scale.dim() == 2 && w.stride(1) == 1 && data.stride(1) == 1 &&
+                  scale.stride(1) == 1, "quantize: w, data and scale must be matrices with contiguous rows");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16,
+              "quantize: w must be float32 or bfloat16");
+  TORCH_CHECK((int4 || data.scalar_type() == torch::kInt8) && scale.scalar_type() == torch::kHalf,
+              "quantize: data must be int8 or uint8 (int4), scale float16");
+  const int64_t R = w.size(0), K = w.size(1), G = scale.size(1), group = G ? K / G : 0;
+  TORCH_CHECK(data.size(0) == R && scale.size(0) == R && G * group == K && data.size(1) == (int4 ? K / 2 : K) &&
+                  (!int4 || group % 32 == 0), "quantize: ", R, " x ", K, " values do not fit data ", data.sizes(),
+              " and scale ", scale.sizes());
+  const bool bf = w.scalar_type() == torch::kBFloat16;
+  const uint8_t* wp = (const uint8_t*)w.data_ptr();
+  uint8_t* dp = (uint8_t*)data.data_ptr();
+  uint16_t* sp = (uint16_t*)scale.data_ptr();
+  const int64_t ws = w.stride(0) * w.element_size(), ds = data.stride(0), ss = scale.stride(0);
+  at::parallel_for(0, R, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(group);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* out = dp + r * ds + g * (int4 ? group / 2 : group);
+        sp[r * ss + g] = bf ? quantize_group((const bf16*)(wp + r * ws) + g * group, group, false, int4, v.data(), out)
+                            : quantize_group((const float*)(wp + r * ws) + g * group, group, round_bf16, int4,
+                                             v.data(), out);
+      }
+  });
+}
 
 std::vector<std::string> dequant_kinds() {
   std::vector<std::string> out;

@@ -1,0 +1,139 @@
+"""GGUF dequantisation: moekit's C++ kernels (moekit/kernels/cpu/convert.cpp) against gguf-py's numpy code,
+which moekit used before and keeps as the reference, and against the memory floor.
+
+    python bench/gguf_dequant.py --out bench/results/DATE/gguf-dequant.json
+    python bench/gguf_dequant.py --files ~/.cache/moekit/bench-quant/mixtral-q4_k_m.gguf  # the loads only
+
+Two measurements, on the same machine in one run:
+
+- kernels: each type on random blocks (every bit pattern valid; float16 scales finite) of a 4096 x 4096
+  matrix, median of ``--reps``: values per second for gguf-py and moekit, and moekit's share of the
+  floor, the time to read the blocks and write the float32 values at the bandwidth a plain copy of a
+  256 MiB tensor reaches here;
+- loads: each GGUF file of ``--files`` (default: the bench model's Q4_K_M and any other K-quant file in
+  ~/.cache/moekit/bench-quant) loaded by ``moekit.load`` in a fresh process, with the reference backend
+  (gguf-py dequantises) and the CPU backend (moekit's kernels), bfloat16 and ``quantize="int4"``; seconds,
+  best of ``--load-reps``. The file is read once before, so both read from the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moekit.kernels import cpu, reference  # noqa: E402
+from moekit.machine import cpu_info  # noqa: E402
+
+QUANT = Path.home() / ".cache" / "moekit" / "bench-quant"
+HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ3_XXS": (0,)}
+
+
+def blocks(kind: str, rows: int, K: int) -> torch.Tensor:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (rows, K // block, size), dtype=np.uint8)
+    for at in HALVES[kind]:
+        raw[..., at:at + 2] = (rng.standard_normal((rows, K // block, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps: int) -> float:
+    """Bytes per second of a plain copy (read + write counted) of a 256 MiB tensor."""
+    a, b = torch.empty(64 << 20), torch.empty(64 << 20)
+    a.fill_(1.0)
+    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a), reps)
+
+
+def kernels(reps: int) -> list[dict]:
+    kern, rows, K = cpu.CpuKernels(torch.bfloat16), 4096, 4096
+    bw, out = copy_bandwidth(reps), []
+    for kind in sorted(HALVES):
+        raw = blocks(kind, rows, K)
+        assert torch.equal(kern.dequantize(raw, kind, K), reference.dequantize(raw, kind, K)), kind
+        ref = timed(lambda: reference.dequantize(raw, kind, K), max(1, reps // 3))
+        fast = timed(lambda: kern.dequantize(raw, kind, K), reps)
+        floor = (raw.numel() + rows * K * 4) / bw
+        out.append({"kind": kind, "gguf_py_mvals": rows * K / ref / 1e6, "moekit_mvals": rows * K / fast / 1e6,
+                    "speedup": ref / fast, "of_floor": floor / fast, "copy_gbs": bw / 1e9})
+        print(f"{kind:8s} gguf-py {out[-1]['gguf_py_mvals']:7.0f} M values/s  moekit {out[-1]['moekit_mvals']:7.0f}"
+              f"  ({out[-1]['speedup']:.1f}x; {100 * out[-1]['of_floor']:.0f}% of the floor)", flush=True)
+    return out
+
+
+LOAD = """
+import json, sys, time, torch, moekit
+torch.set_num_threads(int(sys.argv[4]))
+t0 = time.perf_counter()
+m = moekit.load(sys.argv[1], kernels=sys.argv[2], quantize=sys.argv[3] or None, progress=False)
+print(json.dumps(time.perf_counter() - t0))
+"""
+
+
+def loads(files: list[Path], reps: int, threads: int) -> list[dict]:
+    out = []
+    for f in files:
+        with open(f, "rb") as fh:  # into the page cache
+            while fh.read(64 << 20):
+                pass
+        for quantize in ("", "int4"):
+            row = {"file": f.name, "bytes": f.stat().st_size, "quantize": quantize or None}
+            for kernels_ in ("reference", "cpu"):
+                secs = []
+                for _ in range(reps):
+                    p = subprocess.run([sys.executable, "-c", LOAD, str(f), kernels_, quantize, str(threads)],
+                                       capture_output=True, text=True, check=True, cwd=ROOT)
+                    secs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+                row[kernels_] = min(secs)
+            row["speedup"] = row["reference"] / row["cpu"]
+            out.append(row)
+            print(f"{f.name} {quantize or 'bf16':5s} gguf-py {row['reference']:6.1f} s  moekit {row['cpu']:6.1f} s"
+                  f"  ({row['speedup']:.1f}x)", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=Path, nargs="*", help="GGUF files to load (default: K-quant bench files)")
+    ap.add_argument("--reps", type=int, default=9, help="kernel repetitions (gguf-py: a third)")
+    ap.add_argument("--load-reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-kernels", action="store_true", help="the loads only")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    files = args.files if args.files is not None else sorted(
+        f for f in QUANT.glob("*.gguf") if "_k" in f.name.lower() or "iq" in f.name.lower())
+    print(f"{cpu_info()['model']}, {args.threads} threads", flush=True)
+    res = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_info()["model"], "threads": args.threads,
+           "command": "python " + " ".join(sys.argv),
+           "kernels": [] if args.no_kernels else kernels(args.reps), "loads": loads(files, args.load_reps, args.threads)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
