@@ -1,19 +1,21 @@
-"""GGUF dequantisation: moekit's C++ kernels (moekit/kernels/cpu/convert.cpp) against gguf-py's numpy code,
-which moekit used before and keeps as the reference, and against the memory floor.
+"""Weight conversion while loading: moekit's C++ kernels (moekit/kernels/cpu/convert.cpp) against the
+reference backend's conversion (gguf-py's numpy dequantisation, which moekit used before; PyTorch
+quantisation, kernels/weights.py) and against the memory floor.
 
-    python bench/gguf_dequant.py --out bench/results/DATE/gguf-dequant.json
-    python bench/gguf_dequant.py --files ~/.cache/moekit/bench-quant/mixtral-q4_k_m.gguf  # the loads only
+    python bench/weight_convert.py --out bench/results/DATE/weight-convert.json
+    python bench/weight_convert.py --files ~/.cache/moekit/bench-quant/mixtral-q4_k_m.gguf --no-kernels
 
 Two measurements, on the same machine in one run:
 
-- kernels: each type on random blocks (every bit pattern valid; float16 scales finite) of a 4096 x 4096
-  matrix, median of ``--reps``: values per second for gguf-py and moekit, and moekit's share of the
-  floor, the time to read the blocks and write the float32 values at the bandwidth a plain copy of a
+- kernels, on a 4096 x 4096 matrix, median of ``--reps``: GGUF dequantisation of each type from random
+  blocks (every bit pattern valid; float16 scales finite) to float32, and quantisation of bfloat16 values
+  to int8 (per channel) and int4 (group 64); values per second for the reference and moekit, and moekit's
+  share of the floor: the time to read the input and write the output at the bandwidth a plain copy of a
   256 MiB tensor reaches here;
-- loads: each GGUF file of ``--files`` (default: the bench model's Q4_K_M and any other K-quant file in
-  ~/.cache/moekit/bench-quant) loaded by ``moekit.load`` in a fresh process, with the reference backend
-  (gguf-py dequantises) and the CPU backend (moekit's kernels), bfloat16 and ``quantize="int4"``; seconds,
-  best of ``--load-reps``. The file is read once before, so both read from the page cache.
+- loads: each GGUF file of ``--files`` (default: the K-quant files in ~/.cache/moekit/bench-quant)
+  loaded by ``moekit.load`` in a fresh process with the reference backend and with the CPU backend,
+  as bfloat16 and with ``quantize="int4"``; seconds, best of ``--load-reps``. The file is read once
+  before, so every load reads from the page cache.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.kernels import cpu, reference  # noqa: E402
+from moekit.kernels.weights import quantize_into  # noqa: E402
 from moekit.machine import cpu_info  # noqa: E402
 
 QUANT = Path.home() / ".cache" / "moekit" / "bench-quant"
@@ -76,11 +79,24 @@ def kernels(reps: int) -> list[dict]:
         ref = timed(lambda: reference.dequantize(raw, kind, K), max(1, reps // 3))
         fast = timed(lambda: kern.dequantize(raw, kind, K), reps)
         floor = (raw.numel() + rows * K * 4) / bw
-        out.append({"kind": kind, "gguf_py_mvals": rows * K / ref / 1e6, "moekit_mvals": rows * K / fast / 1e6,
-                    "speedup": ref / fast, "of_floor": floor / fast, "copy_gbs": bw / 1e9})
-        print(f"{kind:8s} gguf-py {out[-1]['gguf_py_mvals']:7.0f} M values/s  moekit {out[-1]['moekit_mvals']:7.0f}"
-              f"  ({out[-1]['speedup']:.1f}x; {100 * out[-1]['of_floor']:.0f}% of the floor)", flush=True)
+        out.append(row(f"dequantize {kind}", rows * K, ref, fast, floor, bw))
+    w = torch.randn(rows, K).to(torch.bfloat16)
+    for fmt, group in (("int8", K), ("int4", 64)):
+        data = torch.empty(rows, K // 2 if fmt == "int4" else K, dtype=torch.uint8 if fmt == "int4" else torch.int8)
+        scale = torch.empty(rows, K // group, dtype=torch.float16)
+        ref = timed(lambda: quantize_into(w, data, scale, torch.bfloat16), reps)
+        fast = timed(lambda: kern.quantize_into(w, data, scale, torch.bfloat16), reps)
+        floor = (w.numel() * 2 + data.numel() + scale.numel() * 2) / bw
+        out.append(row(f"quantize bf16 -> {fmt}", rows * K, ref, fast, floor, bw))
     return out
+
+
+def row(what: str, values: int, ref: float, fast: float, floor: float, bw: float) -> dict:
+    r = {"what": what, "reference_mvals": values / ref / 1e6, "moekit_mvals": values / fast / 1e6,
+         "speedup": ref / fast, "of_floor": floor / fast, "copy_gbs": bw / 1e9}
+    print(f"{what:22s} reference {r['reference_mvals']:7.0f} M values/s  moekit {r['moekit_mvals']:7.0f}"
+          f"  ({r['speedup']:.1f}x; {100 * r['of_floor']:.0f}% of the floor)", flush=True)
+    return r
 
 
 LOAD = """
@@ -99,18 +115,38 @@ def loads(files: list[Path], reps: int, threads: int) -> list[dict]:
             while fh.read(64 << 20):
                 pass
         for quantize in ("", "int4"):
-            row = {"file": f.name, "bytes": f.stat().st_size, "quantize": quantize or None}
+            r = {"file": f.name, "bytes": f.stat().st_size, "quantize": quantize or None}
             for kernels_ in ("reference", "cpu"):
                 secs = []
                 for _ in range(reps):
                     p = subprocess.run([sys.executable, "-c", LOAD, str(f), kernels_, quantize, str(threads)],
                                        capture_output=True, text=True, check=True, cwd=ROOT)
                     secs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-                row[kernels_] = min(secs)
-            row["speedup"] = row["reference"] / row["cpu"]
-            out.append(row)
-            print(f"{f.name} {quantize or 'bf16':5s} gguf-py {row['reference']:6.1f} s  moekit {row['cpu']:6.1f} s"
-                  f"  ({row['speedup']:.1f}x)", flush=True)
+                r[kernels_] = min(secs)
+            r["speedup"] = r["reference"] / r["cpu"]
+            out.append(r)
+            print(f"{f.name} {quantize or 'bf16':5s} reference {r['reference']:6.1f} s  moekit {r['cpu']:6.1f} s"
+                  f"  ({r['speedup']:.1f}x)", flush=True)
+    return out
+
+
+def k_quant_files() -> list[Path]:
+    """The bench model's K-quant files: Q4_K_M (bench/offload.py's), and Q2_K and Q3_K_M (APUS's release types)
+    written here from its bf16 file by llama.cpp's quantizer when absent."""
+    src, out = QUANT / "mixtral-bf16.gguf", []
+    for ftype in ("Q2_K", "Q3_K_M", "Q4_K_M"):
+        f = QUANT / f"mixtral-{ftype.lower()}.gguf"
+        if not f.exists() and src.exists():
+            import llama_cpp
+
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+            tmp = f.with_suffix(".tmp")
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+                raise SystemExit(f"llama.cpp could not quantise {src} to {ftype}")
+            tmp.rename(f)
+        if f.exists():
+            out.append(f)
     return out
 
 
@@ -124,12 +160,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    files = args.files if args.files is not None else sorted(
-        f for f in QUANT.glob("*.gguf") if "_k" in f.name.lower() or "iq" in f.name.lower())
+    files = args.files if args.files is not None else k_quant_files()
     print(f"{cpu_info()['model']}, {args.threads} threads", flush=True)
     res = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_info()["model"], "threads": args.threads,
            "command": "python " + " ".join(sys.argv),
-           "kernels": [] if args.no_kernels else kernels(args.reps), "loads": loads(files, args.load_reps, args.threads)}
+           "kernels": [] if args.no_kernels else kernels(args.reps)}
+    res["loads"] = loads(files, args.load_reps, args.threads)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
