@@ -52,6 +52,10 @@ def test_kernel_equals_gguf_py(kern, kind, rows, K):
     assert got.dtype == torch.float32 and got.shape == (rows, K)
     assert torch.isfinite(want).all() and want.abs().max() > 0
     assert torch.equal(got, want)
+    out = torch.full((rows, K), float("nan"))  # into a caller's buffer (the loader's pieces), both backends
+    assert kern.dequantize(raw, kind, K, out).data_ptr() == out.data_ptr() and torch.equal(out, want)
+    out.fill_(float("nan"))
+    assert reference.dequantize(raw, kind, K, out).data_ptr() == out.data_ptr() and torch.equal(out, want)
 
 
 def test_other_types_go_to_gguf_py(kern):

@@ -238,18 +238,19 @@ class CpuKernels:
                 if isinstance(m, QuantWeight):
                     m.to_panels()
 
-    def dequantize(self, raw: torch.Tensor, kind: str, K: int) -> torch.Tensor:
-        """GGUF blocks (uint8 [R, bytes]) as float32 [R, K]: moekit's kernels for the K-quants and IQ3_XXS
-        (bit for bit gguf-py's values, 10-70x its speed), gguf-py for any other type."""
+    def dequantize(self, raw: torch.Tensor, kind: str, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """GGUF blocks (uint8 [R, bytes]) as float32 [R, K] (into ``out``, contiguous, if given): moekit's
+        kernels for the K-quants and IQ3_XXS (bit for bit gguf-py's values, 5-40x its speed), gguf-py for
+        any other type."""
         if kind not in self.dequant_kinds:
-            return reference.dequantize(raw, kind, K)
+            return reference.dequantize(raw, kind, K, out)
         if self._iq3_tables is None:  # IQ3_XXS's grid and sign bytes, as gguf-py holds them
             from gguf.quants import IQ2_XXS, IQ3_XXS
 
             IQ3_XXS.init_grid()
             self._iq3_tables = (torch.from_numpy(IQ3_XXS.grid.reshape(256, 4).copy()),
                                 torch.frombuffer(bytearray(IQ2_XXS.ksigns), dtype=torch.uint8))
-        return self.ext.dequant(raw.contiguous(), kind, K, *self._iq3_tables)
+        return self.ext.dequant(raw.contiguous(), kind, K, *self._iq3_tables, out)
 
     @torch.no_grad()
     def quantize_into(self, w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,

@@ -159,10 +159,11 @@ def paged_attention(q_NHA: torch.Tensor, k_PGCA: torch.Tensor, v_PGCA: torch.Ten
     return out
 
 
-def dequantize(raw: torch.Tensor, kind: str, K: int) -> torch.Tensor:
-    """GGUF blocks of GGML type ``kind`` (uint8 [R, bytes]) as float32 [R, K]: gguf-py's numpy dequantisation,
-    the spec of the CPU backend's kernels for K-quants and IQ3_XXS."""
+def dequantize(raw: torch.Tensor, kind: str, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GGUF blocks of GGML type ``kind`` (uint8 [R, bytes]) as float32 [R, K] (into ``out`` if given):
+    gguf-py's numpy dequantisation, the spec of the CPU backend's kernels for K-quants and IQ3_XXS."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    return torch.from_numpy(gguf_dequantize(raw.numpy(), GGMLQuantizationType[kind])).reshape(len(raw), K)
+    values = torch.from_numpy(gguf_dequantize(raw.numpy(), GGMLQuantizationType[kind])).reshape(len(raw), K)
+    return values if out is None else out.copy_(values)

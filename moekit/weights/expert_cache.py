@@ -117,7 +117,7 @@ def buffer_for(reads) -> torch.Tensor:
     """One buffer for every read of ``reads`` [(source, views)] that converts its bytes, reused: a fresh one
     per read fragments the heap (measured: RSS grew 35 MiB over 129 decoded tokens of a Q4_0 GGUF offloaded
     with 2 MiB reads, against 9-11 MiB with one buffer)."""
-    return torch.empty(max((s.nbytes for s, views in reads if s.scratch(views)), default=0), dtype=torch.uint8)
+    return torch.empty(max((s.buffer_bytes(views) for s, views in reads), default=0), dtype=torch.uint8)
 
 
 def read_buffer(buffer: torch.Tensor | None, nbytes: int) -> torch.Tensor:
@@ -128,13 +128,16 @@ def read_buffer(buffer: torch.Tensor | None, nbytes: int) -> torch.Tensor:
 class Source(Protocol):
     """A checkpoint tensor, or part of one, that the loader and the cache read (:class:`Stored`, or
     :class:`moekit.weights.gguf_tensors.GGUFSlice`): ``fill`` writes it into the model's views it
-    stands for, ``scratch`` is the memory a fill takes beyond them (0 when read in place)."""
+    stands for, ``scratch`` is the memory a fill takes beyond them (0 when read in place), of which
+    ``buffer_bytes`` can be a buffer the caller allocates once and passes to every fill."""
 
     path: Path
     name: str
     nbytes: int
 
     def scratch(self, views: tuple[torch.Tensor, ...]) -> int: ...
+
+    def buffer_bytes(self, views: tuple[torch.Tensor, ...]) -> int: ...
 
     def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
              buffer: torch.Tensor | None = None) -> None: ...
@@ -163,6 +166,9 @@ class Stored:
         if len(views) == 2:
             return self.nbytes + 4 * QUANT_PIECE  # and quantize_into's float32 pieces
         return 0 if self.direct(views[0]) else self.nbytes
+
+    def buffer_bytes(self, views: tuple[torch.Tensor, ...]) -> int:
+        return self.scratch(views) and self.nbytes
 
     def fill(self, fd: int, views: tuple[torch.Tensor, ...], drop_page_cache: bool = False,
              buffer: torch.Tensor | None = None) -> None:

@@ -14,7 +14,7 @@ bool has_avx512_bf16() {
 }
 void bind_decoder(pybind11::module_& m);  // decode.cpp
 torch::Tensor dequant(const torch::Tensor& raw, const std::string& kind, int64_t K, const torch::Tensor& grid,
-                      const torch::Tensor& ksigns);  // convert.cpp
+                      const torch::Tensor& ksigns, const c10::optional<torch::Tensor>& into);  // convert.cpp
 std::vector<std::string> dequant_kinds();
 void quantize(const torch::Tensor& w, torch::Tensor& data, torch::Tensor& scale, bool round_bf16);
 }  // namespace moekit
@@ -40,7 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &moekit::paged_attention, "causal attention of many requests' new tokens over a paged KV cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("table"), py::arg("starts"), py::arg("lens"), py::arg("scale"));
   m.def("dequant", &moekit::dequant, "GGUF K-quant / IQ3_XXS blocks [R, bytes] -> float32 [R, K]", py::arg("raw"),
-        py::arg("kind"), py::arg("K"), py::arg("grid"), py::arg("ksigns"));
+        py::arg("kind"), py::arg("K"), py::arg("grid"), py::arg("ksigns"), py::arg("out") = py::none());
   m.def("dequant_kinds", &moekit::dequant_kinds, "the GGML types dequant takes");
   m.def("quantize", &moekit::quantize, "float32 / bfloat16 rows [R, K] into int8 / int4 data and float16 scales "
         "(round_bf16: round float32 values to bfloat16 first)", py::arg("w"), py::arg("data"), py::arg("scale"),

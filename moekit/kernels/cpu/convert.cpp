@@ -242,17 +242,20 @@ std::vector<std::string> dequant_kinds() {
 }
 
 torch::Tensor dequant(const torch::Tensor& raw, const std::string& kind, int64_t K, const torch::Tensor& grid,
-                      const torch::Tensor& ksigns) {
+                      const torch::Tensor& ksigns, const c10::optional<torch::Tensor>& into) {
   const Kind* k = nullptr;
   for (const Kind& c : KINDS)
     if (kind == c.name) k = &c;
   TORCH_CHECK(k, "dequant: no kernel for GGML type ", kind);
-  TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous(), "dequant: raw must be contiguous uint8 [R, bytes]");
+  TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous(),
+              "dequant: raw must be contiguous uint8 [R, bytes]");
   TORCH_CHECK(K % QK == 0 && raw.size(1) == K / QK * k->bytes, "dequant: ", kind, " rows of ", K, " values take ",
               K / QK * k->bytes, " bytes, not ", raw.size(1));
   TORCH_CHECK(grid.dtype() == torch::kFloat32 && grid.numel() == 1024 && ksigns.dtype() == torch::kUInt8 &&
                   ksigns.numel() == 128, "dequant: grid must be float32 [256, 4] and ksigns uint8 [128]");
-  auto out = torch::empty({raw.size(0), K}, raw.options().dtype(torch::kFloat32));
+  torch::Tensor out = into ? *into : torch::empty({raw.size(0), K}, raw.options().dtype(torch::kFloat32));
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == raw.size(0) * K,
+              "dequant: out must be contiguous float32 with ", raw.size(0) * K, " values");
   const uint8_t* src = raw.data_ptr<uint8_t>();
   float* dst = out.data_ptr<float>();
   const float* g = grid.data_ptr<float>();
