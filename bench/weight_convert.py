@@ -44,14 +44,17 @@ from moekit.weights.gguf_tensors import PIECE  # noqa: E402
 from moekit.machine import cpu_info  # noqa: E402
 
 QUANT = Path.home() / ".cache" / "moekit" / "bench-quant"
+# GGML type -> byte offsets of its float16 super-block scales (ggml-common.h)
 HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ3_XXS": (0,)}
 
 
-def blocks(kind: str, rows: int, K: int) -> torch.Tensor:
+def random_blocks(kind: str, rows: int, K: int, seed: int = 0) -> torch.Tensor:
+    """Rows of K values in random ``kind`` blocks: random bytes, the float16 scales drawn from N(0, 0.01)
+    (every other bit pattern is a valid block; tests/test_kernels_convert.py uses these too)."""
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, K // block, size), dtype=np.uint8)
     for at in HALVES[kind]:
         raw[..., at:at + 2] = (rng.standard_normal((rows, K // block, 1)) * 0.01).astype(np.float16).view(np.uint8)
@@ -79,7 +82,7 @@ def kernels(reps: int) -> list[dict]:
     kern, rows, K = cpu.CpuKernels(torch.bfloat16), 4096, 4096
     bw, out = copy_bandwidth(reps), []
     for kind in sorted(HALVES):
-        raw = blocks(kind, rows, K)
+        raw = random_blocks(kind, rows, K)
         assert torch.equal(kern.dequantize(raw, kind, K), reference.dequantize(raw, kind, K)), kind
         step = PIECE // (4 * K)
 

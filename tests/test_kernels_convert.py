@@ -8,6 +8,9 @@ the reference:
   rounding, format and group, and through ``moekit.load(quantize=...)`` of a folder and a GGUF file,
   in memory and offloaded."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,25 +21,13 @@ from moekit.kernels.weights import QuantWeight, quantize_into
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is a moekit dependency (pip install -e .)")
 pytestmark = pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need an x86-64 CPU with AVX-512")
-
-# GGML type -> byte offsets of its float16 super-block scales (ggml-common.h)
-HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ3_XXS": (0,)}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from weight_convert import HALVES, random_blocks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def kern():
     return cpu.CpuKernels(torch.float32, gemm="moekit")
-
-
-def random_blocks(kind: str, rows: int, K: int, seed: int = 0) -> torch.Tensor:
-    """Rows of K values in random ``kind`` blocks: random bytes, the float16 scales drawn from N(0, 0.01)."""
-    qtype = gguf.GGMLQuantizationType[kind]
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, K // block, size), dtype=np.uint8)
-    for at in HALVES[kind]:
-        raw[..., at:at + 2] = (rng.standard_normal((rows, K // block, 1)) * 0.01).astype(np.float16).view(np.uint8)
-    return torch.from_numpy(raw.reshape(rows, -1))
 
 
 def test_every_kind_has_a_kernel(kern):
@@ -103,7 +94,8 @@ def test_cpu_backend_loads_llama_cpp_files_as_the_reference(tmp_path, input_ids,
     want = dict(ref.named_parameters())
     for name, p in got.named_parameters():
         assert torch.equal(p, want[name]), name
-    off = moekit.load(file, dtype=torch.float32, kernels="cpu", max_memory=tight_budget(file, dtype=torch.float32, kernels="cpu"))
+    budget = tight_budget(file, dtype=torch.float32, kernels="cpu")
+    off = moekit.load(file, dtype=torch.float32, kernels="cpu", max_memory=budget)
     calls.clear()
     assert_same_as_in_memory(got, off, input_ids)
     assert set(calls) & set(HALVES), calls  # on cache misses too
