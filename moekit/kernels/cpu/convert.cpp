@@ -1,17 +1,14 @@
 // Weight conversion while loading, for the CPU backend (moekit/weights reads checkpoints through it):
 //
-// - dequant: llama.cpp's K-quant and IQ3_XXS blocks to float32 (gguf-py's numpy code, reference.dequantize,
-//   is the oracle). raw [R, K / 256 * block bytes] uint8 -> out [R, K] float32; every super-block holds 256
-//   values.
-// - quantize: float32 / bfloat16 rows to moekit's int8 / int4 layouts (kernels/weights.py's quantize_into is
-//   the oracle; the same values bit for bit). w [R, K] -> data [R, K] int8 or [R, K / 2] uint8, scale [R, G]
-//   float16, G = K / group.
+// - dequant: llama.cpp's K-quant and IQ3_XXS blocks to float32; gguf-py's numpy code (reference.dequantize)
+//   is the oracle. raw [R, K / 256 * block bytes] uint8 -> out [R, K] float32; a super-block holds 256
+//   values. Each value is computed with the operations of llama.cpp's dequantize_row_* in the same order,
+//   as gguf-py does, so the results are bit for bit gguf-py's.
+// - quantize: float32 / bfloat16 rows to moekit's int8 / int4 layouts; kernels/weights.py's quantize_into
+//   is the oracle (the same data and scales bit for bit). w [R, K] -> data [R, K] int8 or [R, K / 2] uint8,
+//   scale [R, G] float16, G = K / group.
 //
-// dequant
-// Each value is computed with the operations of llama.cpp's dequantize_row_* in the same order (as gguf-py
-// does), so the results are bit for bit gguf-py's.
-//
-// Layouts (ggml-common.h), bytes per block:
+// Block layouts (ggml-common.h), bytes per block:
 //   Q2_K  84: scales[16] (low 4 bits scale, high 4 bits min), qs[64] (2 bits), d, dmin (float16)
 //   Q3_K 110: hmask[32] (third bit), qs[64] (low 2 bits), scales[12] (6-bit, packed), d
 //   Q4_K 144: d, dmin, scales[12] (6-bit scales and mins, packed), qs[128] (4 bits)
@@ -20,7 +17,6 @@
 //   IQ3_XXS 98: d, qs[64] (grid indices of 4 values), 8 x uint32 (4-bit scale, 4 x 7-bit sign indices)
 
 #include "common.h"
-
 
 namespace moekit {
 namespace {
