@@ -109,12 +109,13 @@ void q6_k(const uint8_t* b, float* y, const float*, const uint8_t*) {
   const int8_t* sc = (const int8_t*)(b + 192);
   const float d = half(b + 208);
   for (int n = 0; n < QK; n += 128, y += 128, ql += 64, qh += 32, sc += 8)
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      y[l + 0] = d * sc[is + 0] * (((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-      y[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-      y[l + 64] = d * sc[is + 4] * (((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-      y[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+    for (int k = 0; k < 4; ++k) {  // y[32 k + l]: low or high nibbles of ql[l] / ql[l + 32], bits 2k of qh[l]
+      const uint8_t* L = ql + (k & 1) * 32;
+      const int ls = (k >> 1) * 4, hs = 2 * k;
+      for (int h = 0; h < 32; h += 16) {
+        const float ds = d * sc[2 * k + h / 16];
+        for (int l = h; l < h + 16; ++l) y[32 * k + l] = ds * ((((L[l] >> ls) & 0xF) | (((qh[l] >> hs) & 3) << 4)) - 32);
+      }
     }
 }
 
