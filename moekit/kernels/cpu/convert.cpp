@@ -120,21 +120,35 @@ void q6_k(const uint8_t* b, float* y, const float*, const uint8_t*) {
 }
 
 // grid: [256, 4] float32 values of the 3-bit grid; ksigns: [128] sign bytes (gguf-py's tables, llama.cpp's).
+// A value is db * grid, negated where its sign bit is set (the same float as multiplying by -1).
 void iq3_xxs(const uint8_t* b, float* y, const float* grid, const uint8_t* ksigns) {
   const float d = half(b);
   const uint8_t *qs = b + 2, *ss = b + 2 + QK / 4;
-  for (int ib = 0; ib < QK / 32; ++ib, qs += 8) {
+  for (int ib = 0; ib < QK / 32; ++ib, qs += 8, y += 32) {
     uint32_t aux;
     std::memcpy(&aux, ss + 4 * ib, 4);
     const float db = d * (0.5f + (aux >> 28)) * 0.5f;
-    for (int l = 0; l < 4; ++l, y += 8) {
-      const uint8_t signs = ksigns[(aux >> 7 * l) & 127];
-      const float *g1 = grid + 4 * qs[2 * l], *g2 = grid + 4 * qs[2 * l + 1];
-      for (int j = 0; j < 4; ++j) {
-        y[j] = db * g1[j] * (signs & (1 << j) ? -1.f : 1.f);
-        y[j + 4] = db * g2[j] * (signs & (1 << (j + 4)) ? -1.f : 1.f);
-      }
+    uint32_t signs = 0;  // bit j: the sign of value j of the 32
+    for (int l = 0; l < 4; ++l) signs |= uint32_t(ksigns[(aux >> 7 * l) & 127]) << (8 * l);
+#if defined(__AVX512F__)
+    const __m512i lane = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+    for (int h = 0; h < 2; ++h) {  // 16 values: grid rows qs[4h .. 4h + 3]
+      int32_t four;
+      std::memcpy(&four, qs + 4 * h, 4);
+      const __m128i rows = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+      const __m512i r4 = _mm512_permutexvar_epi32(
+          _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), _mm512_castsi128_si512(rows));
+      const __m512 g = _mm512_i32gather_ps(_mm512_add_epi32(_mm512_slli_epi32(r4, 2), lane), grid, 4);
+      const __m512i v = _mm512_castps_si512(_mm512_mul_ps(_mm512_set1_ps(db), g));  // sign bit flipped: x -1
+      _mm512_storeu_ps(y + 16 * h, _mm512_castsi512_ps(_mm512_mask_xor_epi32(
+                                       v, (__mmask16)(signs >> (16 * h)), v, _mm512_set1_epi32(INT32_MIN))));
     }
+#else
+    for (int j = 0; j < 32; ++j) {
+      const float v = db * grid[4 * qs[j / 4] + j % 4];
+      y[j] = signs >> j & 1 ? -v : v;
+    }
+#endif
   }
 }
 
