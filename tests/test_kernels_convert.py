@@ -1,5 +1,5 @@
-"""The CPU backend's weight conversion while loading (moekit/kernels/cpu/convert.cpp), bit for bit against
-the reference:
+"""The CPU backend's weight conversion while loading (moekit/kernels/cpu/convert.cpp, cpu_convert.py), bit
+for bit against the reference:
 
 - GGUF dequantisation against gguf-py's numpy code (``reference.dequantize``), on random blocks (every bit
   pattern of scales, signs and quants; the float16 super-block scales kept finite) and on llama.cpp files,
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.kernels import cpu, reference
+from moekit.kernels import cpu, cpu_convert, reference
 from moekit.kernels.weights import QuantWeight, quantize_into
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is a moekit dependency (pip install -e .)")
@@ -31,7 +31,7 @@ def kern():
 
 
 def test_every_kind_has_a_kernel(kern):
-    assert kern.dequant_kinds == set(HALVES)
+    assert cpu_convert.kinds(kern.ext) == set(HALVES)
 
 
 @pytest.mark.parametrize("kind", sorted(HALVES))

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from moekit.errors import MoekitError
-from moekit.kernels import reference
-from moekit.kernels.weights import QUANT_PIECE, ExpertWeights, QuantWeight, Weight, quantize_into, quantized
+from moekit.kernels import cpu_convert, reference
+from moekit.kernels.weights import ExpertWeights, QuantWeight, Weight, quantized
 from moekit.machine import OtherLoad, cpu_info
 
 SOURCES = Path(__file__).with_name("cpu")
@@ -222,8 +222,6 @@ class CpuKernels:
             raise ValueError(f"gemm={self.pick['gemm']!r}: use one of {', '.join(GEMMS)}")
         self.aten = self.pick["gemm"] == "aten"
         self._said: set[tuple[str, str]] = set()
-        self.dequant_kinds = frozenset(self.ext.dequant_kinds())
-        self._iq3_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def advise_weights(self, tensors) -> None:
         advise_weights(tensors)
@@ -239,39 +237,13 @@ class CpuKernels:
                     m.to_panels()
 
     def dequantize(self, raw: torch.Tensor, kind: str, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """GGUF blocks (uint8 [R, bytes]) as float32 [R, K] (into ``out``, contiguous, if given): moekit's
-        kernels for the K-quants and IQ3_XXS (bit for bit gguf-py's values, 5-43x its speed here), gguf-py for
-        any other type."""
-        if kind not in self.dequant_kinds:
-            return reference.dequantize(raw, kind, K, out)
-        if self._iq3_tables is None:  # IQ3_XXS's grid and sign bytes, as gguf-py holds them
-            from gguf.quants import IQ2_XXS, IQ3_XXS
+        """GGUF blocks as float32 (cpu_convert.py)."""
+        return cpu_convert.dequantize(self.ext, raw, kind, K, out)
 
-            IQ3_XXS.init_grid()
-            self._iq3_tables = (torch.from_numpy(IQ3_XXS.grid.reshape(256, 4).copy()),
-                                torch.frombuffer(bytearray(IQ2_XXS.ksigns), dtype=torch.uint8))
-        return self.ext.dequant(raw.contiguous(), kind, K, *self._iq3_tables, out)
-
-    @torch.no_grad()
     def quantize_into(self, w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
                       dtype: torch.dtype | None = None) -> None:
-        """:func:`moekit.kernels.weights.quantize_into` (its values bit for bit) in one pass without float32
-        temporaries, for float32 / bfloat16 rows (float16: a piece of rows at a time, made float32) rounded
-        to float32 or bfloat16; anything else on the reference."""
-        K = w.shape[-1]
-        rows, d, s = w.reshape(-1, K), data.view(-1, data.shape[-1]), scale.view(-1, scale.shape[-1])
-        if dtype not in (None, torch.float32, torch.bfloat16) or rows.stride(-1) != 1:
-            return quantize_into(w, data, scale, dtype)
-        bf = dtype == torch.bfloat16 and w.dtype != torch.bfloat16
-        if w.dtype in DTYPES:
-            self.ext.quantize(rows, d, s, bf)
-            return None
-        if not w.is_floating_point():
-            return quantize_into(w, data, scale, dtype)
-        step = max(1, QUANT_PIECE // (4 * K))
-        for r in range(0, len(rows), step):
-            self.ext.quantize(rows[r:r + step].float(), d[r:r + step], s[r:r + step], bf)
-        return None
+        """Float weights into int8 / int4 (cpu_convert.py)."""
+        cpu_convert.quantize_into(self.ext, w, data, scale, dtype)
 
     def fused_decoder(self, model):
         """(the whole-model decode step of ``model`` for the engine, or None, and why not): cpu_decode.py."""
@@ -299,7 +271,7 @@ class CpuKernels:
                                    "request), flash over gathered key blocks (more)",
                 "rms_norm, rotary, route": "moekit",
                 "loading": "moekit: int8 / int4 quantisation (quantize=), GGUF dequantisation of "
-                           + ", ".join(sorted(self.dequant_kinds)) + " (gguf-py: other types)",
+                           + ", ".join(sorted(cpu_convert.kinds(self.ext))) + " (gguf-py: other types)",
                 "engine decode steps": "the whole forward in one C++ call (<= 32 requests; cpu_decode.py)"}
 
     def _fallback(self, op: str, reason: str):
