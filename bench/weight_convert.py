@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +41,9 @@ from moekit.kernels import cpu, reference  # noqa: E402
 from moekit.kernels.weights import quantize_into  # noqa: E402
 from moekit.weights.gguf_tensors import PIECE  # noqa: E402
 from moekit.machine import cpu_info  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from cpu_threads import median_us  # noqa: E402
 
 QUANT = Path.home() / ".cache" / "moekit" / "bench-quant"
 # GGML type -> byte offsets of its float16 super-block scales (ggml-common.h)
@@ -62,13 +64,8 @@ def random_blocks(kind: str, rows: int, K: int, seed: int = 0) -> torch.Tensor:
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``reps`` calls after a warm-up (bench/cpu_threads.py's median_us)."""
+    return median_us(fn, reps) / 1e6
 
 
 def copy_bandwidth(reps: int) -> float:
