@@ -42,6 +42,8 @@ def weight(shape, fmt, g: torch.Generator):
     w = QuantWeight(fmt[0], shape, fmt[1])
     w.data.copy_(torch.randint(-127, 128, w.data.shape, generator=g, dtype=torch.int16).to(w.data.dtype))
     w.scale.copy_(torch.rand(w.scale.shape, generator=g) * 1e-3 + 1e-4)
+    if "avx512_vnni" in cpu_info()["flags"]:
+        w.to_panels()  # as CpuKernels.prepare_weights does for a model's per-channel int8
     return w
 
 

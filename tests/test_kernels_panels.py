@@ -1,7 +1,7 @@
 """Per-channel int8 weights in 16-row panels (QuantWeight.to_panels, moekit/kernels/cpu/qpanel.h): the
-layout, its round trip, and the decode kernel against a float emulation of its activation quantisation
-(256-column blocks, as for int8 rows; tests/test_kernels_quant.py has the tolerances' rationale).
-Prefill dequantises panel rows to exactly the rows' tiles, so it gives the rows' bits."""
+layout, its round trip, and the kernel against a float emulation of its activation quantisation (256-column
+blocks, as for int8 rows; tests/test_kernels_quant.py has the tolerances' rationale) at every token count:
+panels take int8 activations in prefill too, where int8 rows and int4 dequantise tiles."""
 
 import pytest
 import torch
@@ -53,11 +53,11 @@ def test_other_weights_stay_as_they_are(fmt, group, shape):
 
 
 @needs_kernels
-@pytest.mark.skipif(not VNNI, reason="the panel decode kernel needs AVX-512 VNNI")
+@pytest.mark.skipif(not VNNI, reason="the panel kernel needs AVX-512 VNNI")
 @pytest.mark.parametrize("N", [32, 96, 1024])
 @pytest.mark.parametrize("K", [100, 448, 1024])  # a partial 256-column block; 3/4 of one; whole blocks
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 15])  # every token block and tail (2x4 .. 8x1 panels)
-def test_decode_matches_emulated_activation_quantisation(N, K, T, kern, monkeypatch):
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 15, 16, 23, 40])  # every token block and tail, decode and prefill
+def test_matches_emulated_activation_quantisation(N, K, T, kern, monkeypatch):
     w, x = panels((N, K)), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0
     x[-1, :32] *= 50
@@ -68,21 +68,26 @@ def test_decode_matches_emulated_activation_quantisation(N, K, T, kern, monkeypa
 
 
 @needs_kernels
-@pytest.mark.parametrize("T", [16, 40])
-def test_prefill_gives_the_rows_bits(T, kern, monkeypatch):
-    rows = QuantWeight.quantize(torch.randn(96, 200, generator=g) * 0.1, "int8")
-    pan = QuantWeight.quantize(rows.dequantize(), "int8")  # same values
-    assert pan.to_panels()
-    x = torch.randn(T, 200, generator=g).bfloat16()
+@pytest.mark.skipif(not VNNI, reason="the panel kernel needs AVX-512 VNNI")
+def test_a_token_gives_the_same_bits_alone_or_in_prefill(kern, monkeypatch):
+    """Prefill and decode compute alike: 40 tokens in one call (8-token blocks, the prefill schedule of the
+    MoE layer) give each token the bits it gets alone."""
+    T, E, D, F = 40, 4, 256, 64
+    w = panels((96, D))
+    ex = ExpertWeights(panels((E, 2 * F, D)), panels((E, D, F)), panels((2 * F, D)), panels((D, F)), None)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    rw, ids = reference.route(torch.randn(T, E, generator=g), 2)
     with no_fallback(monkeypatch):
-        assert torch.equal(kern.linear(x, rows), kern.linear(x, pan))
+        assert torch.equal(kern.linear(x, w), torch.cat([kern.linear(x[t:t + 1], w) for t in range(T)]))
+        alone = torch.cat([kern.moe_experts(x[t:t + 1], ex, ids[t:t + 1], rw[t:t + 1]) for t in range(T)])
+        assert torch.equal(kern.moe_experts(x, ex, ids, rw), alone)
 
 
 @needs_kernels
 @pytest.mark.parametrize("T, E, K, F, shared", [(1, 8, 2, 48, 0), (3, 6, 3, 64, 96), (8, 16, 6, 96, 128),
-                                                (40, 4, 2, 64, 64)])
+                                                (40, 4, 2, 64, 64), (300, 8, 2, 96, 0)])
 def test_moe_experts(T, E, K, F, shared, monkeypatch):
-    """F = 48: the up half of w13 starts inside a 32-row block, on a panel; 40 tokens: the tiles."""
+    """F = 48: the up half of w13 starts inside a 32-row block, on a panel; 40 and 300 tokens: prefill."""
     D = 256
     x = torch.randn(T, D, generator=g).bfloat16()
     w, ids = reference.route(torch.randn(T, E, generator=g), K)

@@ -86,7 +86,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
     out[j].assign(n * D, 0.f);
     for (int64_t i = 0; i < n; ++i) std::memcpy(job.x.data() + i * D, X + job.tok[i] * D, D * sizeof(A));
 #if defined(__AVX512VNNI__)
-    if (job.q13 && qdecode(n)) quantize_act<A>(job.x.data(), n, D, D, job.q13, job.qx);
+    if (job.q13 && qdecode(job.q13, n)) quantize_act<A>(job.x.data(), n, D, D, job.q13, job.qx);
 #endif
   };
   for (size_t j = 0; j < jobs.size(); ++j)
@@ -129,7 +129,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
       g.assign(n * nf, 0.f);
       u.assign(n * nf, 0.f);
 #if defined(__AVX512VNNI__)
-      if (job.q13 && qdecode(n)) {
+      if (job.q13 && qdecode(job.q13, n)) {
         if (it == i0 || item_job[it - 1] != item_job[it]) {  // this thread's run of the expert's blocks
           int64_t e = it + 1;
           while (e < i1 && item_job[e] == item_job[it]) ++e;
@@ -160,7 +160,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
   std::vector<int64_t> todo;  // jobs whose activations are quantised for their down rows
   int64_t elements = 0;
   for (size_t j = 0; j < jobs.size(); ++j)
-    if (!done[j] && jobs[j].q2 && qdecode(jobs[j].tok.size())) {
+    if (!done[j] && jobs[j].q2 && qdecode(jobs[j].q2, jobs[j].tok.size())) {
       todo.push_back(j);
       elements += jobs[j].tok.size() * jobs[j].F;
     }
@@ -198,7 +198,7 @@ torch::Tensor experts_impl(const torch::Tensor& x, std::vector<Job<A>>& jobs, bo
       auto& job = jobs[j];
       const int64_t n = job.tok.size(), F = job.F;
 #if defined(__AVX512VNNI__)
-      if (job.q2 && qdecode(n)) {
+      if (job.q2 && qdecode(job.q2, n)) {
         if (it == i0 || item_job[it - 1] != j) {
           int64_t e = it + 1;
           while (e < i1 && item_job[e] == j) ++e;

@@ -53,7 +53,7 @@ torch::Tensor qlinear_impl(const torch::Tensor& x, const QMat& W, const c10::opt
   std::vector<float> acc(T * N, 0.f);
   const A* X = (const A*)x.data_ptr();
 #if defined(__AVX512VNNI__)
-  if (qdecode(T)) {
+  if (qdecode(W, T)) {
     QAct a;
     quantize_act<A>(X, T, K, K, W, a);
     thread_parts(blocks, [&](int64_t b0, int64_t b1) {

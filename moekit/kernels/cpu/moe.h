@@ -82,7 +82,7 @@ torch::Tensor combine(const torch::Tensor& x, const std::vector<Job<A>>& jobs, c
 template <typename A>
 bool streams(const Job<A>& job) {
   const int64_t n = job.tok.size();
-  return (job.q13 ? qdecode(n) : n < VNNI_MIN_TOKENS) && (job.q2 ? qdecode(n) : n < VNNI_MIN_TOKENS);
+  return (job.q13 ? qdecode(job.q13, n) : n < VNNI_MIN_TOKENS) && (job.q2 ? qdecode(job.q2, n) : n < VNNI_MIN_TOKENS);
 }
 
 // What a work item of the job costs per weight row, in tokens' worth (ITEM_COST, PANEL_ITEM_COST).

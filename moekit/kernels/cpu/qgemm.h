@@ -5,8 +5,9 @@
 //   activations; the offset is taken out through the accumulator's start value, and the block and
 //   weight scales are applied in float. Each weight byte is read once, with rows 16 ahead
 //   prefetched, so decode runs near memory speed.
-// - Many tokens (prefill): 32-row weight tiles are dequantised to the activation dtype, exactly the
-//   reference's q * scale rounded to bf16, and fed to gemm.h's kernels (the packed bf16 microkernel).
+// - Many tokens (prefill): per-channel int8 in panels (qpanel.h) runs the same way, each 64-byte weight
+//   load serving 8 tokens; int4 and int8 rows dequantise 32-row weight tiles to the activation dtype,
+//   exactly the reference's q * scale rounded to bf16, for gemm.h's kernels (the packed bf16 microkernel).
 //
 // Shape legend: T tokens, N weight rows, K input columns, G = K / group scale groups per row,
 // C = ceil(K / 64) int8 column chunks (two blocks each).
@@ -280,14 +281,17 @@ inline void qmatmul_rows(const QMat& W, int64_t r0, int64_t r1, const A* X, int6
   }
 }
 
-// Fewer tokens than this take the quantised-activation (decode) path; more, the dequantised tiles.
-// Measured on one Mixtral-sized expert (d 1024, width 3584), one thread: at 8 tokens the decode path
-// is 1.2-1.4x faster, at 16 the two are within 10% of each other (int8 tiles ahead, int4 decode ahead),
-// at 32 the tiles are 1.2x faster and within 6% of the bf16 weights' own time.
+// Whether W meets `tokens` tokens with int8 activations (VNNI dot products, qact.h) rather than with
+// dequantised tiles. Per-channel int8 in panels: at every count, since qpanel.h reuses each 64-byte weight
+// load over 8 tokens (bench/cpu_quant_kernels.py, EPYC Zen 4, 2 threads: Mixtral- and XVERSE-shaped layers at
+// 128 and 512 tokens ran 1.7-2.1x as fast as with bf16 weights, where the tiles ran at 0.9-0.97x). Rows (int4, grouped
+// int8) below QGEMM_MIN_TOKENS: measured on one Mixtral-sized expert (d 1024, width 3584), one thread, at 8
+// tokens the decode path is 1.2-1.4x faster, at 16 the two are within 10% of each other (int8 tiles ahead,
+// int4 decode ahead), at 32 the tiles are 1.2x faster and within 6% of the bf16 weights' own time.
 constexpr int64_t QGEMM_MIN_TOKENS = 16;
-inline bool qdecode(int64_t tokens) {
+inline bool qdecode(const QMat& W, int64_t tokens) {
 #if defined(__AVX512VNNI__)
-  return tokens < QGEMM_MIN_TOKENS;
+  return W.panels || tokens < QGEMM_MIN_TOKENS;
 #else
   return false;  // no vpdpbusd: every token count dequantises tiles
 #endif
