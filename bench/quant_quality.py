@@ -19,9 +19,9 @@ bfloat16) and quantised again as it is read (``quantize=``, each variant but bf1
 ``moekit.load("x.Q4_K_M.gguf", quantize="int4")`` costs over the file's own precision.
 
 ``--decode`` scores the same tokens one at a time through a KV cache (each window from an empty
-cache), so that on ``--kernels cpu`` the decode kernels produce every logit: with fewer than 16
-tokens they quantise the activations to int8 as well (docs/quantization.md, "Kernels"), which the
-window pass (dequantised weight tiles) and the reference kernels do not.
+cache), so that on ``--kernels cpu`` the decode kernels produce every logit. On ``--kernels cpu`` both
+passes quantise the activations to int8 for per-channel int8 and int4 weights (the window pass through
+the prefill kernels; docs/quantization.md, "Kernels"); the reference kernels never do.
 """
 
 from __future__ import annotations

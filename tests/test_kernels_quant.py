@@ -1,14 +1,16 @@
 """The low-bit CPU kernels (int8 / int4 weights, moekit/kernels/cpu/qgemm.h) against the reference
 on dequantised weights (QuantWeight.dequantize is the spec).
 
-Tolerances. With many tokens the kernels dequantise weight tiles to exactly the reference's values,
-so they meet the bf16 path's bounds (``TOL``). With few tokens (decode) they also quantise the
-activations to int8 per 32-column block (round to nearest, scale max|x| / 127, llama.cpp's Q8_0;
+Tolerances. With many tokens, int8 rows dequantise weight tiles to exactly the reference's values,
+so they meet the bf16 path's bounds (``TOL``). With few tokens (decode), and against int4 at any count
+(16-row tiles unpacked for VNNI, cpu/qtile4.h), the kernels quantise the activations to int8 per
+32-column block (round to nearest, scale max|x| / 127, llama.cpp's Q8_0;
 per 256-column block against per-channel int8 weights, as llama.cpp's Q8_K against its K-quants):
 each input carries a relative error of about 0.3-0.5% (rms), so a linear layer is held to 1% of
 the output's norm, and an MLP or MoE layer, whose SwiGLU activation is quantised a second time and
-is heavy-tailed, to 2.5% (measured: 1.0-1.5%). A float32 emulation of that quantisation checks the
-decode kernels to 1e-5, so a layout error cannot hide inside the looser bounds.
+is heavy-tailed, to 2.5% (measured: 1.0-1.5%). A float32 emulation of that quantisation checks those
+kernels to 1e-5, so a layout error cannot hide inside the looser bounds. (Per-channel int8 in panels
+quantises at every count too: tests/test_kernels_panels.py.)
 Every check runs with the reference functions patched to raise: no silent fallback passes.
 """
 
@@ -67,6 +69,11 @@ def rel_norm(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
+def int8_acts(fmt, T: int) -> bool:
+    """Whether the kernels quantise the activations at T tokens: against int4 always, else below the decode limit."""
+    return fmt == "int4" or T < cpu.QDECODE_TOKENS
+
+
 def check(got, want, dtype, decode: bool, bound):
     """Prefill: the bf16 path's bounds; decode: the stated bound for activation quantisation."""
     assert got.dtype == dtype
@@ -105,7 +112,7 @@ def test_linear(fmt, group, dtype, T, kern, monkeypatch):
     with no_fallback(monkeypatch):
         got = kern.linear(x, w, b)
     want = torch.nn.functional.linear(x.double(), w.dequantize(torch.float64), b.double())
-    check(got, want, dtype, T < cpu.QDECODE_TOKENS, LINEAR_TOL)
+    check(got, want, dtype, int8_acts(fmt, T), LINEAR_TOL)
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS)
@@ -121,6 +128,22 @@ def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, long,
     with no_fallback(monkeypatch):
         got = kern.linear(x, w)
     want = torch.nn.functional.linear(q8_blocks(x, act_block(fmt, group)), w.dequantize(torch.float64))
+    assert rel_max(got, want) < 1e-5
+
+
+@pytest.mark.skipif("avx512_vnni" not in cpu.cpu_info()["flags"], reason="the int4 tile kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("N", [16, 37, 96])  # one tile; two and 5 rows for the row kernel; six
+@pytest.mark.parametrize("T", [16, 23, 40])  # 8-token blocks and every tail
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_int4_prefill_tiles_match_emulated_activation_quantisation(group, N, T, long, kern, monkeypatch):
+    K = {32: 736, 64: 704, 128: 768}[group] if long else {32: 224, 64: 320, 128: 384}[group]  # partial last chunks
+    w, x = quant((N, K), "int4", group), torch.randn(T, K, generator=g) * 3
+    x[0, :40] = 0  # an all-zero block
+    x[-1, 64:96] *= 50  # one block's scale far above the others'
+    with no_fallback(monkeypatch):
+        got = kern.linear(x, w)
+    want = torch.nn.functional.linear(q8_blocks(x, 32), w.dequantize(torch.float64))
     assert rel_max(got, want) < 1e-5
 
 
@@ -147,7 +170,7 @@ def test_mlp(fmt, group, dtype, T, kern, monkeypatch):
     with no_fallback(monkeypatch):
         got = kern.mlp(x, w13, w2)
     check(got, reference.mlp(x.double(), w13.dequantize(torch.float64), w2.dequantize(torch.float64)), dtype,
-          T < cpu.QDECODE_TOKENS, MLP_TOL)
+          int8_acts(fmt, T), MLP_TOL)
 
 
 def moe64(x, ex: ExpertWeights, ids, w):
@@ -181,7 +204,8 @@ def test_moe_experts(fmt, group, dtype, T, D, E, K, F, shared, gated, gemm, monk
         got = kern.moe_experts(x, ex, ids, w)
         assert torch.equal(got, kern.moe_experts(x, ex, ids, w))  # deterministic
     counts = torch.bincount(ids.flatten(), minlength=E)
-    decode = bool(((counts > 0) & (counts < cpu.QDECODE_TOKENS)).any()) or (shared and T < cpu.QDECODE_TOKENS)
+    decode = fmt == "int4" or bool(((counts > 0) & (counts < cpu.QDECODE_TOKENS)).any()) \
+        or (shared and T < cpu.QDECODE_TOKENS)
     check(got, want, dtype, decode, MLP_TOL)
 
 
