@@ -243,6 +243,22 @@ def test_decode_linear_same_bits_on_one_and_two_threads(fmt, group, T, N, kern, 
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_prefill_same_bits_on_one_and_two_threads(group, kern, monkeypatch):
+    """Prefill against int4 (16-row tiles; the rows past the last whole tile on the row kernel): at two threads
+    whole experts go to threads and a linear's rows split in two parts, at one thread experts run in row
+    blocks. Tiles start on 16-row boundaries either way, so the bits are the same."""
+    T, E, D, F = 40, 4, 256, 128
+    ex = ExpertWeights(quant((E, 2 * F, D), "int4", group), quant((E, D, F), "int4", group))
+    x = torch.randn(T, D, generator=g).bfloat16()
+    w, ids = reference.route(torch.randn(T, E, generator=g), 2)
+    one, two = one_and_two_threads(lambda: kern.moe_experts(x, ex, ids, w), monkeypatch)
+    assert torch.equal(one, two)
+    lin = quant((1000 + 8, D), "int4", group)
+    one, two = one_and_two_threads(lambda: kern.linear(x, lin), monkeypatch)
+    assert torch.equal(one, two)
+
+
 def test_mixed_plain_and_quantised_experts(kern, monkeypatch):
     """quantize leaves a matrix whose width does not end on a group plain: here w13 int4, w2 bf16."""
     x = torch.randn(4, 128, generator=g).bfloat16()
