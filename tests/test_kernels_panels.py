@@ -1,7 +1,7 @@
 """Per-channel int8 weights in 16-row panels (QuantWeight.to_panels, moekit/kernels/cpu/qpanel.h): the
 layout, its round trip, and the kernel against a float emulation of its activation quantisation (256-column
 blocks, as for int8 rows; tests/test_kernels_quant.py has the tolerances' rationale) at every token count:
-panels take int8 activations in prefill too, where int8 rows and int4 dequantise tiles."""
+panels take int8 activations in prefill too, where int8 rows dequantise weight tiles."""
 
 import pytest
 import torch

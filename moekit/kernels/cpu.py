@@ -260,8 +260,8 @@ class CpuKernels:
         many = ("ATen GEMMs (oneDNN" + (", AMX" if "amx_bf16" in cpu_info()["flags"] else "") + ")"
                 if self.aten else "moekit packed microkernel")
         tiles = "weight tiles dequantised for the packed microkernel"
-        low = (f"int8 activations x VNNI dot products (per-channel int8 in 16-row panels; int4, more than "
-               f"{QDECODE_TOKENS} tokens: 16-row tiles unpacked into panels; grouped int8 rows: < {QDECODE_TOKENS} "
+        low = (f"int8 activations x VNNI dot products (per-channel int8 in 16-row panels; int4, {QDECODE_TOKENS} "
+               f"tokens or more: 16-row tiles unpacked into panels; grouped int8 rows: < {QDECODE_TOKENS} "
                f"tokens, more: {tiles})" if "avx512_vnni" in cpu_info()["flags"] else tiles)
         return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
                 "int8 / int4 weights": f"moekit: {low}" + (", experts with >= 16 tokens: a dequantised copy on ATen "

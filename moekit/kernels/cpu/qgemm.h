@@ -26,9 +26,8 @@ namespace moekit {
 // 128 and 512 tokens ran 1.7-2.1x as fast as with bf16 weights, where the tiles ran at 0.9-0.97x). int4: at every
 // count, 16-row tiles unpacked from QGEMM_MIN_TOKENS on (the same layers 1.1-1.25x bf16's speed, against
 // 0.87-0.96x with dequantised tiles). Grouped int8 rows below QGEMM_MIN_TOKENS: measured on one Mixtral-sized
-// expert (d 1024, width 3584), one thread, at 8
-// tokens the decode path is 1.2-1.4x faster, at 16 the two are within 10% of each other (int8 tiles ahead,
-// int4 decode ahead), at 32 the tiles are 1.2x faster and within 6% of the bf16 weights' own time.
+// expert (d 1024, width 3584), one thread, at 8 tokens the decode path is 1.2-1.4x faster, at 16 the two are
+// within 10% of each other, at 32 the tiles are 1.2x faster and within 6% of the bf16 weights' own time.
 constexpr int64_t QGEMM_MIN_TOKENS = 16;
 inline bool qdecode(const QMat& W, int64_t tokens) {
 #if defined(__AVX512VNNI__)
