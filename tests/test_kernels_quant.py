@@ -1,10 +1,10 @@
 """The low-bit CPU kernels (int8 / int4 weights, moekit/kernels/cpu/qgemm.h) against the reference
 on dequantised weights (QuantWeight.dequantize is the spec).
 
-Tolerances. With many tokens, int8 rows dequantise weight tiles to exactly the reference's values,
-so they meet the bf16 path's bounds (``TOL``). With few tokens (decode), and against int4 at any count
-(16-row tiles unpacked for VNNI, cpu/qtile4.h), the kernels quantise the activations to int8 per
-32-column block (round to nearest, scale max|x| / 127, llama.cpp's Q8_0;
+Tolerances. With many tokens, per-channel int8 rows dequantise weight tiles to exactly the reference's
+values, so they meet the bf16 path's bounds (``TOL``). With few tokens (decode), and against int4 and
+grouped int8 at any count (16-row tiles unpacked for VNNI, cpu/qtile.h), the kernels quantise the
+activations to int8 per 32-column block (round to nearest, scale max|x| / 127, llama.cpp's Q8_0;
 per 256-column block against per-channel int8 weights, as llama.cpp's Q8_K against its K-quants):
 each input carries a relative error of about 0.3-0.5% (rms), so a linear layer is held to 1% of
 the output's norm, and an MLP or MoE layer, whose SwiGLU activation is quantised a second time and
@@ -69,9 +69,10 @@ def rel_norm(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
-def int8_acts(fmt, T: int) -> bool:
-    """Whether the kernels quantise the activations at T tokens: against int4 always, else below the decode limit."""
-    return fmt == "int4" or T < cpu.QDECODE_TOKENS
+def int8_acts(fmt, group, T: int) -> bool:
+    """Whether the kernels quantise the activations at T tokens: against int4 and grouped int8 always, against
+    per-channel int8 rows below the decode limit."""
+    return group is not None or T < cpu.QDECODE_TOKENS
 
 
 def check(got, want, dtype, decode: bool, bound):
@@ -112,7 +113,7 @@ def test_linear(fmt, group, dtype, T, kern, monkeypatch):
     with no_fallback(monkeypatch):
         got = kern.linear(x, w, b)
     want = torch.nn.functional.linear(x.double(), w.dequantize(torch.float64), b.double())
-    check(got, want, dtype, int8_acts(fmt, T), LINEAR_TOL)
+    check(got, want, dtype, int8_acts(fmt, group, T), LINEAR_TOL)
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS)
@@ -131,14 +132,14 @@ def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, long,
     assert rel_max(got, want) < 1e-5
 
 
-@pytest.mark.skipif("avx512_vnni" not in cpu.cpu_info()["flags"], reason="the int4 tile kernel needs AVX-512 VNNI")
-@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.skipif("avx512_vnni" not in cpu.cpu_info()["flags"], reason="the prefill tile kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("fmt, group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", 64)])
 @pytest.mark.parametrize("N", [16, 37, 96])  # one tile; two and 5 rows for the row kernel; six
 @pytest.mark.parametrize("T", [16, 23, 40])  # 8-token blocks and every tail
 @pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
-def test_int4_prefill_tiles_match_emulated_activation_quantisation(group, N, T, long, kern, monkeypatch):
+def test_prefill_tiles_match_emulated_activation_quantisation(fmt, group, N, T, long, kern, monkeypatch):
     K = {32: 736, 64: 704, 128: 768}[group] if long else {32: 224, 64: 320, 128: 384}[group]  # partial last chunks
-    w, x = quant((N, K), "int4", group), torch.randn(T, K, generator=g) * 3
+    w, x = quant((N, K), fmt, group), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0  # an all-zero block
     x[-1, 64:96] *= 50  # one block's scale far above the others'
     with no_fallback(monkeypatch):
@@ -170,7 +171,7 @@ def test_mlp(fmt, group, dtype, T, kern, monkeypatch):
     with no_fallback(monkeypatch):
         got = kern.mlp(x, w13, w2)
     check(got, reference.mlp(x.double(), w13.dequantize(torch.float64), w2.dequantize(torch.float64)), dtype,
-          int8_acts(fmt, T), MLP_TOL)
+          int8_acts(fmt, group, T), MLP_TOL)
 
 
 def moe64(x, ex: ExpertWeights, ids, w):
@@ -204,7 +205,7 @@ def test_moe_experts(fmt, group, dtype, T, D, E, K, F, shared, gated, gemm, monk
         got = kern.moe_experts(x, ex, ids, w)
         assert torch.equal(got, kern.moe_experts(x, ex, ids, w))  # deterministic
     counts = torch.bincount(ids.flatten(), minlength=E)
-    decode = fmt == "int4" or bool(((counts > 0) & (counts < cpu.QDECODE_TOKENS)).any()) \
+    decode = group is not None or bool(((counts > 0) & (counts < cpu.QDECODE_TOKENS)).any()) \
         or (shared and T < cpu.QDECODE_TOKENS)
     check(got, want, dtype, decode, MLP_TOL)
 
@@ -243,18 +244,18 @@ def test_decode_linear_same_bits_on_one_and_two_threads(fmt, group, T, N, kern, 
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_int4_prefill_same_bits_on_one_and_two_threads(group, kern, monkeypatch):
-    """Prefill against int4 (16-row tiles; the rows past the last whole tile on the row kernel): at two threads
-    whole experts go to threads and a linear's rows split in two parts, at one thread experts run in row
-    blocks. Tiles start on 16-row boundaries either way, so the bits are the same."""
+@pytest.mark.parametrize("fmt, group", [("int4", 32), ("int4", 128), ("int8", 32)])
+def test_prefill_tiles_same_bits_on_one_and_two_threads(fmt, group, kern, monkeypatch):
+    """Prefill on 16-row tiles (the rows past the last whole tile on the row kernels): at two threads whole
+    experts go to threads and a linear's rows split in two parts, at one thread experts run in row blocks.
+    Tiles start on 16-row boundaries either way, so the bits are the same."""
     T, E, D, F = 40, 4, 256, 128
-    ex = ExpertWeights(quant((E, 2 * F, D), "int4", group), quant((E, D, F), "int4", group))
+    ex = ExpertWeights(quant((E, 2 * F, D), fmt, group), quant((E, D, F), fmt, group))
     x = torch.randn(T, D, generator=g).bfloat16()
     w, ids = reference.route(torch.randn(T, E, generator=g), 2)
     one, two = one_and_two_threads(lambda: kern.moe_experts(x, ex, ids, w), monkeypatch)
     assert torch.equal(one, two)
-    lin = quant((1000 + 8, D), "int4", group)
+    lin = quant((1000 + 8, D), fmt, group)
     one, two = one_and_two_threads(lambda: kern.linear(x, lin), monkeypatch)
     assert torch.equal(one, two)
 

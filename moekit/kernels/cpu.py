@@ -15,8 +15,9 @@ The extension is compiled once per machine with the system compiler
   (llama.cpp's Q8_0; 256 against per-channel int8, as its Q8_K) and AVX-512 VNNI dot products stream
   the weight bytes (per-channel int8 rearranged after loading into 16-row panels, ``cpu/qpanel.h``,
   :meth:`CpuKernels.prepare_weights`). With many tokens, panels keep int8 activations (each weight load
-  serves 8 tokens), int4 rows are unpacked 16 at a time into such panels (``cpu/qtile4.h``), and int8
-  rows dequantise weight tiles to bf16 (exactly the reference's weights) for the packed microkernel.
+  serves 8 tokens), int4 and grouped int8 rows are unpacked 16 at a time into such panels
+  (``cpu/qtile.h``), and per-channel int8 rows (no panels) dequantise weight tiles to bf16 (exactly the
+  reference's weights) for the packed microkernel.
 
 A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
 PyTorch reference, which is also their oracle in tests, and says so once (a warning).
@@ -260,9 +261,9 @@ class CpuKernels:
         many = ("ATen GEMMs (oneDNN" + (", AMX" if "amx_bf16" in cpu_info()["flags"] else "") + ")"
                 if self.aten else "moekit packed microkernel")
         tiles = "weight tiles dequantised for the packed microkernel"
-        low = (f"int8 activations x VNNI dot products (per-channel int8 in 16-row panels; int4, {QDECODE_TOKENS} "
-               f"tokens or more: 16-row tiles unpacked into panels; grouped int8 rows: < {QDECODE_TOKENS} "
-               f"tokens, more: {tiles})" if "avx512_vnni" in cpu_info()["flags"] else tiles)
+        low = (f"int8 activations x VNNI dot products (per-channel int8 in 16-row panels; int4 and grouped int8, "
+               f"{QDECODE_TOKENS} tokens or more: 16-row tiles unpacked into panels; per-channel int8 rows: < "
+               f"{QDECODE_TOKENS} tokens, more: {tiles})" if "avx512_vnni" in cpu_info()["flags"] else tiles)
         return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
                 "int8 / int4 weights": f"moekit: {low}" + (", experts with >= 16 tokens: a dequantised copy on ATen "
                                                            "GEMMs" if self.aten else ""),

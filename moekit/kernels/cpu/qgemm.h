@@ -6,8 +6,9 @@
 //   weight scales are applied in float. Each weight byte is read once, with rows 16 ahead
 //   prefetched, so decode runs near memory speed.
 // - Many tokens (prefill): per-channel int8 in panels (qpanel.h) runs the same way, each 64-byte weight
-//   load serving 8 tokens; int4 rows are unpacked 16 at a time into a panel tile (qtile4.h) for the same
-//   reuse; int8 rows dequantise 32-row weight tiles to the activation dtype, exactly the reference's
+//   load serving 8 tokens; int4 and grouped int8 rows are unpacked 16 at a time into a panel tile (qtile.h)
+//   for the same reuse; per-channel int8 rows (where panels do not apply) dequantise 32-row weight tiles
+//   to the activation dtype, exactly the reference's
 //   q * scale rounded to bf16, for gemm.h's kernels (the packed bf16 microkernel).
 //
 // Shape legend: T tokens, N weight rows, K input columns, G = K / group scale groups per row,
@@ -16,22 +17,23 @@
 
 #include "qgemm4.h"
 #include "qpanel.h"
-#include "qtile4.h"
+#include "qtile.h"
 
 namespace moekit {
 
 // Whether W meets `tokens` tokens with int8 activations (VNNI dot products, qact.h) rather than with
-// dequantised tiles. Per-channel int8 in panels: at every count, since qpanel.h reuses each 64-byte weight
-// load over 8 tokens (bench/cpu_quant_kernels.py, EPYC Zen 4, 2 threads: Mixtral- and XVERSE-shaped layers at
-// 128 and 512 tokens ran 1.7-2.1x as fast as with bf16 weights, where the tiles ran at 0.9-0.97x). int4: at every
-// count, 16-row tiles unpacked from QGEMM_MIN_TOKENS on (the same layers 1.1-1.25x bf16's speed, against
-// 0.87-0.96x with dequantised tiles). Grouped int8 rows below QGEMM_MIN_TOKENS: measured on one Mixtral-sized
-// expert (d 1024, width 3584), one thread, at 8 tokens the decode path is 1.2-1.4x faster, at 16 the two are
-// within 10% of each other, at 32 the tiles are 1.2x faster and within 6% of the bf16 weights' own time.
+// dequantised tiles (bench/cpu_quant_kernels.py, EPYC Zen 4, 2 threads, Mixtral- and XVERSE-shaped layers at
+// 128 and 512 tokens, against the dequantised tiles' 0.8-0.97x bf16's speed):
+// - per-channel int8 in panels: at every count, qpanel.h reusing each 64-byte weight load over 8 tokens
+//   (1.6-2.1x as fast as with bf16 weights);
+// - int4 and grouped int8 rows: below QGEMM_MIN_TOKENS the row kernels, from it on 16-row tiles unpacked into
+//   panels (qtile.h: int4 1.0-1.3x bf16's speed; int8 in groups of 32 1.14-1.26x faster than its tiles);
+// - per-channel int8 rows (no panels): below QGEMM_MIN_TOKENS. On one Mixtral-sized expert, one thread, at 8
+//   tokens the decode path was 1.2-1.4x faster than the tiles, at 16 within 10%, at 32 the tiles 1.2x faster.
 constexpr int64_t QGEMM_MIN_TOKENS = 16;
 inline bool qdecode(const QMat& W, int64_t tokens) {
 #if defined(__AVX512VNNI__)
-  return W.panels || W.int4 || tokens < QGEMM_MIN_TOKENS;
+  return W.panels || !W.per_channel() || tokens < QGEMM_MIN_TOKENS;
 #else
   return false;  // no vpdpbusd: every token count dequantises tiles
 #endif
@@ -53,7 +55,7 @@ enum { SC_ROW, SC_G32, SC_ONE, SC_TWO };
 struct QScales {
   std::vector<float> f;     // [rows, G] (int8; int4 kernels read the float16 scales in place)
   std::vector<int32_t> gi;  // [2C]: the group of each block (SC_ONE, SC_TWO)
-  std::vector<uint8_t> tile;  // int4 with many tokens: 16 rows unpacked (qtile4.h)
+  std::vector<uint8_t> tile;  // int4 and grouped int8 with many tokens: 16 rows unpacked (qtile.h)
 };
 
 // One int8 chunk c of RR rows (pointers rp, float scales sp) against TB tokens, into acc.
@@ -216,8 +218,10 @@ inline void qgemv_t(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float*
 
 // Y[t * ldo + r] += W[r] . X[t] for rows [r0, r1) of W and the activations `a` (quantised for W).
 inline void qgemv_rows(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo, QScales& s) {
+  if (a.T >= QGEMM_MIN_TOKENS && !W.panels && !W.per_channel() &&
+      (r0 = qgemm_tiles(W, r0, r1, a, Y, ldo, s.tile, s.f)) == r1)
+    return;
   if (W.int4) {
-    if (a.T >= QGEMM_MIN_TOKENS && (r0 = qgemm4_tiles(W, r0, r1, a, Y, ldo, s.tile, s.f)) == r1) return;
     if (W.group == 32) return qgemv4<1>(W, r0, r1, a, Y, ldo);
     if (W.group == 64) return qgemv4<2>(W, r0, r1, a, Y, ldo);
     return qgemv4<4>(W, r0, r1, a, Y, ldo);  // group 128
