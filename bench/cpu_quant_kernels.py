@@ -32,9 +32,9 @@ from moekit.machine import cpu_info  # noqa: E402
 # name: (D, F, E, K, shared width, layers)
 SHAPES = {"mixtral": (1024, 3584, 8, 2, 0, 4), "xverse": (2560, 1728, 64, 6, 3456, 2)}
 # int8: one scale per output channel (moekit quantize's default), and groups of 32 (a GGUF Q8_0 file kept as int8);
-# int4: groups of 32 (GGUF Q4_0) and 64 (the default)
+# int4: groups of 32 (GGUF Q4_0) and 64 (the default); "rows": left in the row layout (as an offloaded expert is)
 FORMATS = {"bf16": None, "int8": ("int8", None), "int8-g32": ("int8", 32), "int4": ("int4", 32),
-           "int4-g64": ("int4", 64)}
+           "int4-g64": ("int4", 64), "int4-rows": ("int4", 32, "rows")}
 
 
 def weight(shape, fmt, g: torch.Generator):
@@ -44,8 +44,8 @@ def weight(shape, fmt, g: torch.Generator):
     w = QuantWeight(fmt[0], shape, fmt[1])
     w.data.copy_(torch.randint(-127, 128, w.data.shape, generator=g, dtype=torch.int16).to(w.data.dtype))
     w.scale.copy_(torch.rand(w.scale.shape, generator=g) * 1e-3 + 1e-4)
-    if "avx512_vnni" in cpu_info()["flags"]:
-        w.to_panels()  # as CpuKernels.prepare_weights does for a model's per-channel int8 (others stay rows)
+    if "avx512_vnni" in cpu_info()["flags"] and fmt[2:] != ("rows",):
+        w.to_panels()  # as CpuKernels.prepare_weights does for a model's weights (grouped int8 stays in rows)
     return w
 
 

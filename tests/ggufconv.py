@@ -156,7 +156,7 @@ def same_generation(folder: Path, file: Path, rel: float, ref=None) -> float:
 def assert_kept(model, file: Path, fmt: str) -> None:
     """The model holds the file's Q8_0 / Q4_0 blocks as moekit int8 / int4 weights, byte for byte: data and
     float16 scales of the experts (stacked) and of the LM head."""
-    from moekit.kernels.weights import QuantWeight
+    from moekit.kernels.weights import QuantWeight, weight_views
 
     assert model.quant is not None and (model.quant.format, model.quant.group) == (fmt, 32)
     t = {t.name: t for t in gguf.GGUFReader(file).tensors}
@@ -165,8 +165,9 @@ def assert_kept(model, file: Path, fmt: str) -> None:
     for w, name in pairs:
         assert isinstance(w, QuantWeight) and w.format == fmt
         raw = torch.from_numpy(np.array(t[name].data)).reshape(*w.shape[:-1], -1, block)
-        assert torch.equal(w.scale.view(torch.uint8).reshape(*w.shape[:-1], -1, 2), raw[..., :2])
-        assert torch.equal(w.data.view(torch.uint8).reshape(*w.shape[:-1], -1, block - 2), raw[..., 2:])
+        rows = weight_views(w, "w")  # the bytes in rows (the CPU backend keeps int4 in panels)
+        assert torch.equal(rows["w_scale"].view(torch.uint8).reshape(*w.shape[:-1], -1, 2), raw[..., :2])
+        assert torch.equal(rows["w"].view(torch.uint8).reshape(*w.shape[:-1], -1, block - 2), raw[..., 2:])
 
 
 def rounded_reference(folder: Path, file: Path, kind: str):

@@ -1,22 +1,26 @@
-"""Per-channel int8 weights in 16-row panels (QuantWeight.to_panels, moekit/kernels/cpu/qpanel.h): the
-layout, its round trip, and the kernel against a float emulation of its activation quantisation (256-column
-blocks, as for int8 rows; tests/test_kernels_quant.py has the tolerances' rationale) at every token count:
-panels take int8 activations in prefill too, where int8 rows dequantise weight tiles."""
+"""Weights in 16-row panels (QuantWeight.to_panels): per-channel int8 (moekit/kernels/cpu/qpanel.h) and int4
+(qpanel4.h). The layouts, their round trips, and the kernels against a float emulation of their activation
+quantisation (256-column blocks against per-channel int8, as for int8 rows; 32 against int4;
+tests/test_kernels_quant.py has the tolerances' rationale) at every token count: panels take int8
+activations in prefill too, where int8 rows dequantise weight tiles and int4 rows unpack them."""
 
 import pytest
 import torch
 
 from moekit.kernels import cpu, reference
-from moekit.kernels.weights import PANEL, ExpertWeights, QuantWeight, from_panels, to_panels, weight_views
+from moekit.kernels.weights import (PANEL, ExpertWeights, QuantWeight, from_panels, scales_from_panels,
+                                    scales_to_panels, to_panels, weight_views)
 from tests.test_kernels_quant import MLP_TOL, moe64, no_fallback, one_and_two_threads, q8_blocks, rel_max, rel_norm
 
 g = torch.Generator().manual_seed(1)
 VNNI = cpu.supported() and "avx512_vnni" in cpu.cpu_info()["flags"]
 needs_kernels = pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need an x86-64 CPU with AVX-512")
+needs_vnni = pytest.mark.skipif(not VNNI, reason="the panel kernels need AVX-512 VNNI")
+FMTS = {"int8": ("int8", None), "int4": ("int4", 32)}  # the formats models load into panels (int4: Q4_0's group)
 
 
-def panels(shape, scale=0.1) -> QuantWeight:
-    w = QuantWeight.quantize(torch.randn(*shape, generator=g) * scale, "int8")
+def panels(shape, scale=0.1, fmt="int8", group=None) -> QuantWeight:
+    w = QuantWeight.quantize(torch.randn(*shape, generator=g) * scale, fmt, group)
     assert w.to_panels() and w.panels
     return w
 
@@ -26,26 +30,36 @@ def kern():
     return cpu.CpuKernels(torch.bfloat16, gemm="moekit")
 
 
-def test_layout_and_round_trip():
-    w = QuantWeight.quantize(torch.randn(2, 64, 40, generator=g), "int8")
-    q, deq = w.values().clone(), w.dequantize(torch.float32, index=1)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_layout_and_round_trip(fmt):
+    K = 40 if fmt == "int8" else 64
+    w = QuantWeight.quantize(torch.randn(2, 64, K, generator=g), fmt, None if fmt == "int8" else 32)
+    q, deq, raw, sc = w.values().clone(), w.dequantize(torch.float32, index=1), w.data.clone(), w.scale.clone()
     views = {k: v.clone() for k, v in weight_views(w, "x", 1, rows=(16, 48), width=None).items()}
-    assert w.to_panels() and w.data.dtype == torch.uint8 and w.data.shape == q.shape
-    flat = w.data.reshape(2, -1)
-    for e, n, k in [(0, 0, 0), (0, 21, 13), (1, 63, 39), (1, 17, 4)]:  # panel n // 16: [K / 4, 16, 4] of q + 128
-        at = n // PANEL * PANEL * 40 + k // 4 * 64 + n % PANEL * 4 + k % 4
-        assert int(flat[e, at]) == int(q[e, n, k]) + 128
+    cut = {k: v.clone() for k, v in weight_views(w, "x", 0, width=32).items()} if fmt == "int4" else {}
+    assert w.to_panels() and w.data.dtype == torch.uint8 and w.data.shape == raw.shape
+    flat, W = w.data.reshape(2, -1), raw.shape[-1]  # bytes per row
+    for e, n, k in [(0, 0, 0), (0, 21, 13), (1, 63, W - 1), (1, 17, 4)]:  # panel n // 16: [W / 4, 16, 4]
+        at = n // PANEL * PANEL * W + k // 4 * 64 + n % PANEL * 4 + k % 4
+        assert int(flat[e, at]) == (int(q[e, n, k]) + 128 if fmt == "int8" else int(raw[e, n, k]))
+    if fmt == "int4":  # scales [E, N / 16, G, 16]: a group's 16 rows side by side
+        assert w.scale.shape == (2, 4, 2, PANEL) and w.scale[1, 3, 1, 5] == sc[1, 53, 1]
+        assert torch.equal(w.scale_rows(), sc) and torch.equal(scales_from_panels(scales_to_panels(sc)), sc)
+        assert all(torch.equal(cut[k], v) for k, v in weight_views(w, "x", 0, width=32).items())
+    else:
+        assert torch.equal(w.scale, sc)
     assert torch.equal(w.values(), q) and torch.equal(w.dequantize(torch.float32, index=1), deq)
     assert all(torch.equal(views[k], v) for k, v in weight_views(w, "x", 1, rows=(16, 48)).items())
     assert torch.equal(from_panels(to_panels(q)), q)
     assert w.to_panels() and "panels" in repr(w)  # a second call changes nothing
+    assert w.scale.shape == (sc.shape if fmt == "int8" else (2, 4, 2, PANEL))
 
 
 @pytest.mark.parametrize("fmt, group, shape", [
     ("int8", None, (48, 64)),  # rows not a multiple of 32
     ("int8", None, (64, 102)),  # columns not a multiple of 4
     ("int8", 32, (64, 64)),  # grouped scales
-    ("int4", 32, (64, 64))])
+    ("int4", 32, (48, 64))])  # rows not a multiple of 32
 def test_other_weights_stay_as_they_are(fmt, group, shape):
     w = QuantWeight.quantize(torch.randn(*shape, generator=g), fmt, group)
     before = w.data.clone()
@@ -53,7 +67,7 @@ def test_other_weights_stay_as_they_are(fmt, group, shape):
 
 
 @needs_kernels
-@pytest.mark.skipif(not VNNI, reason="the panel kernel needs AVX-512 VNNI")
+@needs_vnni
 @pytest.mark.parametrize("N", [32, 96, 1024])
 @pytest.mark.parametrize("K", [100, 448, 1024])  # a partial 256-column block; 3/4 of one; whole blocks
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 15, 16, 23, 40])  # every token block and tail, decode and prefill
@@ -68,13 +82,30 @@ def test_matches_emulated_activation_quantisation(N, K, T, kern, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.skipif(not VNNI, reason="the panel kernel needs AVX-512 VNNI")
-def test_a_token_gives_the_same_bits_alone_or_in_prefill(kern, monkeypatch):
+@needs_vnni
+@pytest.mark.parametrize("group, K", [(32, 96), (32, 448), (64, 192), (64, 1728), (128, 384), (128, 1024)])
+@pytest.mark.parametrize("N", [32, 96])  # 2 panels (a group of 4 not full); 6 (one full group and 2)
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 16, 23, 40])  # every token block and tail, decode and prefill
+def test_int4_matches_emulated_activation_quantisation(group, K, N, T, kern, monkeypatch):
+    w, x = panels((N, K), fmt="int4", group=group), torch.randn(T, K, generator=g) * 3
+    x[0, :40] = 0  # an all-zero block
+    x[-1, 64:96] *= 50  # one block's scale far above the others'
+    with no_fallback(monkeypatch):
+        got = kern.linear(x, w)
+    want = torch.nn.functional.linear(q8_blocks(x, 32), w.dequantize(torch.float64))
+    assert rel_max(got, want) < 1e-5
+
+
+@needs_kernels
+@needs_vnni
+@pytest.mark.parametrize("fmt", FMTS)
+def test_a_token_gives_the_same_bits_alone_or_in_prefill(fmt, kern, monkeypatch):
     """Prefill and decode compute alike: 40 tokens in one call (8-token blocks, the prefill schedule of the
     MoE layer) give each token the bits it gets alone."""
     T, E, D, F = 40, 4, 256, 64
-    w = panels((96, D))
-    ex = ExpertWeights(panels((E, 2 * F, D)), panels((E, D, F)), panels((2 * F, D)), panels((D, F)), None)
+    mk = lambda shape: panels(shape, 0.1, *FMTS[fmt])  # noqa: E731
+    w = mk((96, D))
+    ex = ExpertWeights(mk((E, 2 * F, D)), mk((E, D, F)), mk((2 * F, D)), mk((D, F)), None)
     x = torch.randn(T, D, generator=g).bfloat16()
     rw, ids = reference.route(torch.randn(T, E, generator=g), 2)
     with no_fallback(monkeypatch):
@@ -84,26 +115,34 @@ def test_a_token_gives_the_same_bits_alone_or_in_prefill(kern, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("T, E, K, F, shared", [(1, 8, 2, 48, 0), (3, 6, 3, 64, 96), (8, 16, 6, 96, 128),
-                                                (40, 4, 2, 64, 64), (300, 8, 2, 96, 0)])
-def test_moe_experts(T, E, K, F, shared, monkeypatch):
-    """F = 48: the up half of w13 starts inside a 32-row block, on a panel; 40 and 300 tokens: prefill."""
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("T, E, K, F, shared, gemm", [
+    (1, 8, 2, 48, 0, "moekit"), (3, 6, 3, 64, 96, "moekit"), (8, 16, 6, 96, 128, "moekit"),
+    (40, 4, 2, 64, 64, "moekit"), (300, 8, 2, 96, 0, "moekit"), (40, 4, 2, 64, 64, "aten")])
+def test_moe_experts(fmt, T, E, K, F, shared, gemm, monkeypatch):
+    """F = 48: the up half of w13 starts inside a 32-row block, on a panel; 40 and 300 tokens: prefill;
+    ATen's GEMMs take a dequantised copy of experts with many tokens."""
+    if fmt == "int4" and F % 32:
+        pytest.skip("int4's down projection needs a width in blocks of 32")
     D = 256
+    mk = lambda shape: panels(shape, 0.1, *FMTS[fmt])  # noqa: E731
     x = torch.randn(T, D, generator=g).bfloat16()
     w, ids = reference.route(torch.randn(T, E, generator=g), K)
-    sh = (panels((2 * shared, D)), panels((D, shared)), torch.rand(T, generator=g)) if shared else ()
-    ex = ExpertWeights(panels((E, 2 * F, D)), panels((E, D, F)), *sh)
+    sh = (mk((2 * shared, D)), mk((D, shared)), torch.rand(T, generator=g)) if shared else ()
+    ex = ExpertWeights(mk((E, 2 * F, D)), mk((E, D, F)), *sh)
     want = moe64(x, ex, ids, w)
-    kern = cpu.CpuKernels(torch.bfloat16, gemm="moekit")
+    kern = cpu.CpuKernels(torch.bfloat16, gemm=gemm)
     one, two = one_and_two_threads(lambda: kern.moe_experts(x, ex, ids, w), monkeypatch)
-    assert torch.equal(one, two)  # whole experts a thread or row blocks: the same bits
-    assert rel_norm(two, want) < MLP_TOL
+    if gemm == "moekit":  # (ATen's GEMMs need not give the same bits on one and two threads)
+        assert torch.equal(one, two)  # whole experts a thread or row blocks: the same bits
+    assert rel_norm(one, want) < MLP_TOL and rel_norm(two, want) < MLP_TOL
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("T", [1, 5, 40])
-def test_mlp(T, kern, monkeypatch):
-    w13, w2 = panels((2 * 96, 256)), panels((256, 96))
+def test_mlp(fmt, T, kern, monkeypatch):
+    w13, w2 = panels((2 * 96, 256), 0.1, *FMTS[fmt]), panels((256, 96), 0.1, *FMTS[fmt])
     x = torch.randn(T, 256, generator=g).bfloat16()
     with no_fallback(monkeypatch):
         got = kern.mlp(x, w13, w2)
@@ -112,7 +151,7 @@ def test_mlp(T, kern, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["bf16", "int8 panels", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8 panels", "int4", "int4 panels"])
 def test_left_over_expert_in_blocks_gives_the_same_bits(fmt, monkeypatch):
     """Five equal experts of two tokens each on two threads: four run whole, one per thread at a time, and
     the fifth in row blocks shared by both (moe.h, whole_experts); one thread runs all five in blocks."""
@@ -121,8 +160,9 @@ def test_left_over_expert_in_blocks_gives_the_same_bits(fmt, monkeypatch):
     def mk(shape):
         if fmt == "bf16":
             return (torch.randn(*shape, generator=g) * 0.1).bfloat16()
-        return panels(shape) if fmt == "int8 panels" else QuantWeight.quantize(torch.randn(*shape, generator=g) * 0.1,
-                                                                               "int4", 32)
+        if fmt.endswith("panels"):
+            return panels(shape, 0.1, *FMTS[fmt.split()[0]])
+        return QuantWeight.quantize(torch.randn(*shape, generator=g) * 0.1, "int4", 32)
 
     ex = ExpertWeights(mk((E, 2 * F, D)), mk((E, D, F)))
     x = torch.randn(T, D, generator=g).bfloat16()

@@ -14,10 +14,16 @@ A weight is a plain floating-point tensor [..., N, K] or a :class:`QuantWeight`:
   each stored as q + 8 with q in [-8, 7] (GGUF's Q4_0 layout); ``scale`` float16 [..., N, G]
   with group 32, 64 or 128.
 
-On the CPU backend, per-channel int8 weights whose rows are a multiple of 32 and columns of 4 are
-rearranged after loading (:meth:`QuantWeight.to_panels`): ``data`` becomes uint8 [..., N, K] in
-16-row panels, each panel's bytes [K / 4, 16, 4] holding q + 128, the layout of the decode kernel
-(moekit/kernels/cpu/qpanel.h). :meth:`QuantWeight.values`, :meth:`QuantWeight.dequantize` and
+On the CPU backend, weights whose rows are a multiple of 32 are rearranged after loading into the
+layout of its VNNI kernels, 16-row panels (:meth:`QuantWeight.to_panels`):
+
+- per-channel int8 (columns a multiple of 4): ``data`` becomes uint8 [..., N, K], each panel's bytes
+  [K / 4, 16, 4] holding q + 128 (moekit/kernels/cpu/qpanel.h);
+- int4: ``data`` stays uint8 [..., N, K / 2], each panel's bytes [K / 8, 16, 4] (the rows' Q4_0 bytes
+  four at a time), and ``scale`` becomes float16 [..., N / 16, G, 16], a group's 16 rows side by side
+  (moekit/kernels/cpu/qpanel4.h).
+
+:meth:`QuantWeight.values`, :meth:`QuantWeight.dequantize`, :meth:`QuantWeight.scale_rows` and
 :func:`weight_views` (saving, export) give rows whatever the layout.
 
 Quantisation is symmetric and round-to-nearest: scale = max|w| / qmax over a group (qmax 127
@@ -35,7 +41,7 @@ from torch import nn
 FORMATS = {"int8": 127, "int4": 7}  # format -> qmax
 INT4_GROUPS = (32, 64, 128)
 BLOCK = 32  # int4 nibble-interleave block (columns)
-PANEL = 16  # rows of an int8 panel (QuantWeight.to_panels)
+PANEL = 16  # rows of a panel (QuantWeight.to_panels)
 QUANT_PIECE = 4 << 20  # float32 bytes of the rows quantize_into quantises at once
 
 
@@ -64,19 +70,38 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return q.flatten(-3)
 
 
+def interleave(u: torch.Tensor) -> torch.Tensor:
+    """uint8 rows [..., N, W] (N % 16 == 0, W % 4 == 0) -> 16-row panels [..., N, W], each [W / 4, 16, 4]:
+    the rows' bytes four at a time."""
+    *lead, N, W = u.shape
+    return u.reshape(*lead, N // PANEL, PANEL, W // 4, 4).transpose(-3, -2).reshape(*lead, N, W)
+
+
+def deinterleave(p: torch.Tensor) -> torch.Tensor:
+    """16-row panels [..., N, W] -> the uint8 rows [..., N, W] (the inverse of :func:`interleave`)."""
+    *lead, N, W = p.shape
+    return p.reshape(*lead, N // PANEL, W // 4, PANEL, 4).transpose(-3, -2).reshape(*lead, N, W)
+
+
 def to_panels(q: torch.Tensor) -> torch.Tensor:
     """int8 values [..., N, K] (N % 16 == 0, K % 4 == 0) -> uint8 panels [..., N, K]: q + 128, each 16 rows
     stored as [K / 4, 16, 4]."""
-    *lead, N, K = q.shape
-    u = q.view(torch.uint8) ^ 0x80  # q + 128
-    return u.reshape(*lead, N // PANEL, PANEL, K // 4, 4).transpose(-3, -2).reshape(*lead, N, K)
+    return interleave(q.view(torch.uint8) ^ 0x80)
 
 
 def from_panels(p: torch.Tensor) -> torch.Tensor:
     """uint8 panels [..., N, K] -> the int8 values [..., N, K] (the inverse of :func:`to_panels`)."""
-    *lead, N, K = p.shape
-    u = p.reshape(*lead, N // PANEL, K // 4, PANEL, 4).transpose(-3, -2).reshape(*lead, N, K)
-    return (u ^ 0x80).view(torch.int8)
+    return (deinterleave(p) ^ 0x80).view(torch.int8)
+
+
+def scales_to_panels(s: torch.Tensor) -> torch.Tensor:
+    """float16 scales [..., N, G] (N % 16 == 0) -> [..., N / 16, G, 16]: each group's 16 rows side by side."""
+    return s.unflatten(-2, (-1, PANEL)).transpose(-2, -1).contiguous()
+
+
+def scales_from_panels(s: torch.Tensor) -> torch.Tensor:
+    """[..., N / 16, G, 16] -> the scales [..., N, G] (the inverse of :func:`scales_to_panels`)."""
+    return s.transpose(-2, -1).flatten(-3, -2)
 
 
 def _scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -146,36 +171,47 @@ class QuantWeight(nn.Module):
 
     @property
     def panels(self) -> bool:
-        """Whether the int8 data is in the CPU decode kernel's 16-row panels (:meth:`to_panels`)."""
-        return self.format == "int8" and self.data.dtype == torch.uint8
+        """Whether the weight is in the CPU kernels' 16-row panels (:meth:`to_panels`): int8 data as uint8,
+        int4 scales with a dim more than the data."""
+        if self.format == "int8":
+            return self.data.dtype == torch.uint8
+        return self.scale.dim() == self.data.dim() + 1
 
     @torch.no_grad()
     def to_panels(self) -> bool:
-        """Rearrange per-channel int8 rows into 16-row panels in place, one matrix at a time (no second copy
-        of the stack). Rows a multiple of 32 (so that the kernels' 32-row blocks and a w13 stack's up half
-        start on a panel) and columns of 4; anything else stays in rows. Returns whether it now is in panels."""
+        """Rearrange per-channel int8 or int4 rows into 16-row panels in place, one matrix at a time (no second
+        copy of the stack). Rows a multiple of 32 (so that the kernels' 32-row blocks and a w13 stack's up
+        half start on a panel); int8 also columns of 4; anything else (grouped int8) stays in rows. Returns
+        whether it now is in panels."""
         N, K = self.shape[-2:]
-        if self.format != "int8" or self.group != K or N % (2 * PANEL) or K % 4 or self.panels:
+        if self.panels or N % (2 * PANEL) or (self.format == "int8" and (self.group != K or K % 4)):
             return self.panels
         data = self.data.view(torch.uint8)
-        for m in data.view(-1, N, K):
-            m.copy_(to_panels(m.view(torch.int8)))
+        for m in data.view(-1, N, data.shape[-1]):
+            m.copy_(interleave(m) ^ (0x80 if self.format == "int8" else 0))
         self.data = data
+        if self.format == "int4":
+            self.scale = scales_to_panels(self.scale)
         return True
 
     def _values(self, data: torch.Tensor) -> torch.Tensor:
         if self.format == "int4":
-            return unpack_int4(data)
+            return unpack_int4(deinterleave(data) if self.panels else data)
         return from_panels(data) if self.panels else data
 
     def values(self) -> torch.Tensor:
         """The integer values q [..., N, K] as int8."""
         return self._values(self.data)
 
+    def scale_rows(self) -> torch.Tensor:
+        """The float16 scales [..., N, G], whatever the layout (in panels: a copy)."""
+        return scales_from_panels(self.scale) if self.panels and self.format == "int4" else self.scale
+
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The weight [..., N, K] in ``dtype`` (``index``: only that matrix of the leading dim):
         q * scale, computed in float32."""
-        data, scale = (self.data, self.scale) if index is None else (self.data[index], self.scale[index])
+        scale = self.scale_rows()
+        data, scale = (self.data, scale) if index is None else (self.data[index], scale[index])
         return (self._values(data).float() * scale.float().repeat_interleave(self.group, dim=-1)).to(dtype)
 
     def _apply(self, fn, recurse=True):
@@ -208,22 +244,25 @@ def weight_views(w: Weight, name: str, index: int | None = None, rows: tuple[int
                  width: int | None = None) -> dict[str, torch.Tensor]:
     """Checkpoint views of (part of) a weight: matrix ``index`` of the leading dim, rows [a, b), the
     first ``width`` columns. A quantised weight gives its data under ``name`` and its float16
-    scales under ``name + "_scale"`` (``width`` must then end on a scale group); int8 panels give
-    their rows, a copy (views to read, not to fill)."""
-    def part(t: torch.Tensor, cols: int | None) -> torch.Tensor:
+    scales under ``name + "_scale"`` (``width`` must then end on a scale group); panels give their rows,
+    a copy (views to read, not to fill)."""
+    def part(t: torch.Tensor, cols: int | None, unpanel=None) -> torch.Tensor:
         t = t if index is None else t[index]
-        t = from_panels(t) if t.dtype == torch.uint8 and w.panels else t
+        t = t if unpanel is None else unpanel(t)
         t = t if rows is None else t[..., rows[0]:rows[1], :]
         return t if cols is None else t[..., :cols]
 
     if not isinstance(w, QuantWeight):
         return {name: part(w, width)}
+    int8 = w.format == "int8"
+    data_rows = (from_panels if int8 else deinterleave) if w.panels else None
+    scale_rows = scales_from_panels if w.panels and not int8 else None
     if width is None or width == w.shape[-1]:
-        return {name: part(w.data, None), f"{name}_scale": part(w.scale, None)}
+        return {name: part(w.data, None, data_rows), f"{name}_scale": part(w.scale, None, scale_rows)}
     if width % w.group:
         raise ValueError(f"{name}: a width of {width} columns does not end on a scale group of {w.group}")
-    return {name: part(w.data, width if w.format == "int8" else width // 2),
-            f"{name}_scale": part(w.scale, width // w.group)}
+    return {name: part(w.data, width if int8 else width // 2, data_rows),
+            f"{name}_scale": part(w.scale, width // w.group, scale_rows)}
 
 
 @dataclass(frozen=True, eq=False)

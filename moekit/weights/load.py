@@ -79,7 +79,8 @@ def _on_meta(cfg: ModelConfig, dtype: torch.dtype, device, kernels: str) -> MoED
 
 def _allocate(model: MoEDecoder, dtype: torch.dtype, device) -> MoEDecoder:
     model = model.to(dtype=dtype).to_empty(device=device)
-    model.kernels.advise_weights(model.parameters())  # before the first write touches the pages
+    # before the first write touches the pages; buffers too: a quantised weight's data and scales are buffers
+    model.kernels.advise_weights([*model.parameters(), *model.buffers()])
     model.reset_buffers()
     for module in model.modules():
         if getattr(module, "padded", False):

@@ -132,8 +132,9 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // A work item costs about ITEM_COST tokens' worth of arithmetic just to stream its weight rows from
 // memory (at ~45 GB/s and ~900 GFLOP/s the two balance near 4 tokens), plus one unit per token.
 constexpr double ITEM_COST = 4.0;
-// int8 panels (qpanel.h) spend much less per token: per weight byte, 8 tokens took 1.2-1.3x the time of one
-// in the stand-alone panel kernel, cold weights, two threads (EPYC Zen 4), about 32 tokens' worth to stream.
+// Panels spend much less per token: per weight byte, 8 tokens took 1.2-1.3x the time of one in the
+// stand-alone int8 panel kernel (qpanel.h), cold weights, two threads (EPYC Zen 4), about 32 tokens' worth to
+// stream; int4 panels (qpanel4.h) about 1.1x in a Mixtral-shaped layer (bench/cpu_quant_kernels.py).
 // Whole experts to threads by this count: XVERSE-shaped int8 batch-8 decode +4.6% (8 of 8 rounds) at 16
 // against 4, +2.0% more at 32; Mixtral-shaped within noise (in-process A/B, two builds).
 constexpr double PANEL_ITEM_COST = 32.0;

@@ -5,11 +5,12 @@
 //   activations; the offset is taken out through the accumulator's start value, and the block and
 //   weight scales are applied in float. Each weight byte is read once, with rows 16 ahead
 //   prefetched, so decode runs near memory speed.
-// - Many tokens (prefill): per-channel int8 in panels (qpanel.h) runs the same way, each 64-byte weight
-//   load serving 8 tokens; int4 and grouped int8 rows are unpacked 16 at a time into a panel tile (qtile.h)
-//   for the same reuse; per-channel int8 rows (where panels do not apply) dequantise 32-row weight tiles
-//   to the activation dtype, exactly the reference's
-//   q * scale rounded to bf16, for gemm.h's kernels (the packed bf16 microkernel).
+// - Weights in 16-row panels (per-channel int8: qpanel.h; int4: qpanel4.h) run one kernel at every token
+//   count, each 64-byte weight load serving up to 8 tokens.
+// - Many tokens (prefill), weights in rows: int4 and grouped int8 are unpacked 16 rows at a time into a
+//   panel tile (qtile.h) for the same reuse; per-channel int8 rows (where panels do not apply) dequantise
+//   32-row weight tiles to the activation dtype, exactly the reference's q * scale rounded to bf16, for
+//   gemm.h's kernels (the packed bf16 microkernel).
 //
 // Shape legend: T tokens, N weight rows, K input columns, G = K / group scale groups per row,
 // C = ceil(K / 64) int8 column chunks (two blocks each).
@@ -17,6 +18,7 @@
 
 #include "qgemm4.h"
 #include "qpanel.h"
+#include "qpanel4.h"
 #include "qtile.h"
 
 namespace moekit {
@@ -24,8 +26,8 @@ namespace moekit {
 // Whether W meets `tokens` tokens with int8 activations (VNNI dot products, qact.h) rather than with
 // dequantised tiles (bench/cpu_quant_kernels.py, EPYC Zen 4, 2 threads, Mixtral- and XVERSE-shaped layers at
 // 128 and 512 tokens, against the dequantised tiles' 0.8-0.97x bf16's speed):
-// - per-channel int8 in panels: at every count, qpanel.h reusing each 64-byte weight load over 8 tokens
-//   (1.6-2.1x as fast as with bf16 weights);
+// - per-channel int8 and int4 in panels: at every count, qpanel.h / qpanel4.h reusing each 64-byte weight
+//   load over 8 tokens (int8 1.6-2.1x as fast as with bf16 weights);
 // - int4 and grouped int8 rows: below QGEMM_MIN_TOKENS the row kernels, from it on 16-row tiles unpacked into
 //   panels (qtile.h: int4 1.0-1.3x bf16's speed; int8 in groups of 32 1.14-1.26x faster than its tiles);
 // - per-channel int8 rows (no panels): below QGEMM_MIN_TOKENS. On one Mixtral-sized expert, one thread, at 8
@@ -218,7 +220,8 @@ inline void qgemv_t(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float*
 
 // Y[t * ldo + r] += W[r] . X[t] for rows [r0, r1) of W and the activations `a` (quantised for W).
 inline void qgemv_rows(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo, QScales& s) {
-  if (a.T >= QGEMM_MIN_TOKENS && !W.panels && !W.per_channel() &&
+  if (W.panels) return W.int4 ? qgemv_panels4(W, r0, r1, a, Y, ldo) : qgemv_panels(W, r0, r1, a, Y, ldo, s.f);
+  if (a.T >= QGEMM_MIN_TOKENS && !W.per_channel() &&
       (r0 = qgemm_tiles(W, r0, r1, a, Y, ldo, s.tile, s.f)) == r1)
     return;
   if (W.int4) {
@@ -226,7 +229,6 @@ inline void qgemv_rows(const QMat& W, int64_t r0, int64_t r1, const QAct& a, flo
     if (W.group == 64) return qgemv4<2>(W, r0, r1, a, Y, ldo);
     return qgemv4<4>(W, r0, r1, a, Y, ldo);  // group 128
   }
-  if (W.panels) return qgemv_panels(W, r0, r1, a, Y, ldo, s.f);
   if (W.per_channel()) return qgemv_t<SC_ROW>(W, r0, r1, a, Y, ldo, s);
   if (W.group == 32) return qgemv_t<SC_G32>(W, r0, r1, a, Y, ldo, s);
   s.gi.resize(2 * a.C);  // the scale group of each 32-column block (past K: the last), without divisions
@@ -259,14 +261,16 @@ inline void store32(bf16* o, __m512 lo, __m512 hi) {
 template <typename A>
 void dequant_rows(const QMat& W, int64_t r0, int64_t rows, A* out) {
   const int64_t K = W.K, G = W.G();
-  std::vector<int8_t> unpanelled(W.panels ? K : 0);
+  std::vector<uint8_t> unpanelled(W.panels ? W.row_bytes() : 0);
+  std::vector<uint16_t> scales(G);
   for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* p = W.row(r0 + i);
     if (W.panels) {
       panel_row(W, r0 + i, unpanelled.data());
-      p = (const uint8_t*)unpanelled.data();
+      p = unpanelled.data();
     }
-    const uint16_t* s = W.srow(r0 + i);
+    for (int64_t g = 0; g < G; ++g) scales[g] = W.scale_at(r0 + i, g);
+    const uint16_t* s = scales.data();
     A* o = out + i * K;
     for (int64_t g = 0; g < G; ++g) {
       const float sc = h2f(s[g]);
@@ -307,21 +311,25 @@ inline void qmatmul_rows(const QMat& W, int64_t r0, int64_t r1, const A* X, int6
 }
 
 // The weight `w` as a QMat when `scale` is given, with K input columns: int8 data [N, K] in rows, uint8 data
-// [N, K / 2] (int4) or [N, K] (per-channel int8 in panels, qpanel.h).
+// [N, K / 2] (int4) or [N, K] (per-channel int8 in panels, qpanel.h); int4 in panels (qpanel4.h) has its
+// float16 scales as [N / 16, G, 16] (a dim more than the data), in rows as [N, G].
 inline QMat qmat(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
   check(w.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kHalf,
         "quantised weights: contiguous data and float16 scales");
   check(w.scalar_type() == torch::kByte || w.scalar_type() == torch::kChar,
         "quantised weights: int8 data, or uint8 (int4, int8 panels)");
-  const bool bytes = w.scalar_type() == torch::kByte, panels = bytes && w.size(-1) == K, int4 = bytes && !panels;
-  const int64_t G = scale.size(-1), N = w.size(-2);
-  check(G > 0 && K % G == 0 && w.size(-1) == (int4 ? K / 2 : K) && scale.size(-2) == N, "quantised weight shapes");
+  const bool bytes = w.scalar_type() == torch::kByte, int4 = bytes && w.size(-1) != K, panels8 = bytes && !int4;
+  const bool panels4 = int4 && scale.dim() == w.dim() + 1;
+  const int64_t N = w.size(-2), G = scale.size(panels4 ? -2 : -1);
+  check(G > 0 && K % G == 0 && w.size(-1) == (int4 ? K / 2 : K) &&
+            (panels4 ? scale.size(-1) == 16 && scale.size(-3) * 16 == N : scale.size(-2) == N),
+        "quantised weight shapes");
   const int64_t group = K / G;
   check(int4 ? group % 32 == 0 : (group == K || group % 32 == 0), "quantised weights: group size");
-  check(!panels || (G == 1 && N % 16 == 0 && K % 4 == 0),
+  check(!panels8 || (G == 1 && N % 16 == 0 && K % 4 == 0),
         "int8 panels: one scale per row, rows a multiple of 16, columns of 4");
   QMat m{(const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), N, K, group, int4, nullptr, G};
-  m.panels = panels;
+  m.panels = panels8 || panels4;
   return m;
 }
 

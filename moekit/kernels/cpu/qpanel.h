@@ -110,20 +110,23 @@ inline void qgemv_panels(const QMat& W, int64_t r0, int64_t r1, const QAct& a, f
 }
 #endif
 
-// Row r of panel-layout W as its int8 values q (64 bytes at a time: one gather of 16 four-byte pieces).
-inline void panel_row(const QMat& W, int64_t r, int8_t* out) {
+// Row r of panel-layout W in its row layout (64 bytes at a time: one gather of 16 four-byte pieces): int8
+// values q, or int4 Q4_0 bytes.
+inline void panel_row(const QMat& W, int64_t r, uint8_t* out) {
   const uint8_t* p = W.row(r - r % 16) + 4 * (r % 16);
+  const uint8_t flip = W.int4 ? 0 : 0x80;  // int8 panels hold q + 128
+  const int64_t words = W.row_bytes() / 4;
   int64_t j = 0;
 #if defined(__AVX512F__)
   const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                          _mm512_set1_epi32(64));
-  for (; j + 16 <= W.K / 4; j += 16) {
+  for (; j + 16 <= words; j += 16) {
     const __m512i v = _mm512_i32gather_epi32(idx, (const void*)(p + 64 * j), 1);
-    _mm512_storeu_si512(out + 4 * j, _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)));
+    _mm512_storeu_si512(out + 4 * j, _mm512_xor_si512(v, _mm512_set1_epi8((char)flip)));
   }
 #endif
-  for (; j < W.K / 4; ++j)
-    for (int b = 0; b < 4; ++b) out[4 * j + b] = (int8_t)(p[64 * j + b] ^ 0x80);
+  for (; j < words; ++j)
+    for (int b = 0; b < 4; ++b) out[4 * j + b] = p[64 * j + b] ^ flip;
 }
 
 }  // namespace moekit
