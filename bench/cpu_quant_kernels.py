@@ -34,7 +34,7 @@ SHAPES = {"mixtral": (1024, 3584, 8, 2, 0, 4), "xverse": (2560, 1728, 64, 6, 345
 # int8: one scale per output channel (moekit quantize's default), and groups of 32 (a GGUF Q8_0 file kept as int8);
 # int4: groups of 32 (GGUF Q4_0) and 64 (the default); "rows": left in the row layout (as an offloaded expert is)
 FORMATS = {"bf16": None, "int8": ("int8", None), "int8-g32": ("int8", 32), "int4": ("int4", 32),
-           "int4-g64": ("int4", 64), "int4-rows": ("int4", 32, "rows")}
+           "int4-g64": ("int4", 64), "int8-g32-rows": ("int8", 32, "rows"), "int4-rows": ("int4", 32, "rows")}
 
 
 def weight(shape, fmt, g: torch.Generator):
@@ -45,7 +45,7 @@ def weight(shape, fmt, g: torch.Generator):
     w.data.copy_(torch.randint(-127, 128, w.data.shape, generator=g, dtype=torch.int16).to(w.data.dtype))
     w.scale.copy_(torch.rand(w.scale.shape, generator=g) * 1e-3 + 1e-4)
     if "avx512_vnni" in cpu_info()["flags"] and fmt[2:] != ("rows",):
-        w.to_panels()  # as CpuKernels.prepare_weights does for a model's weights (grouped int8 stays in rows)
+        w.to_panels()  # as CpuKernels.prepare_weights does for a model's weights
     return w
 
 

@@ -1,8 +1,8 @@
-"""Weights in 16-row panels (QuantWeight.to_panels): per-channel int8 (moekit/kernels/cpu/qpanel.h) and int4
-(qpanel4.h). The layouts, their round trips, and the kernels against a float emulation of their activation
-quantisation (256-column blocks against per-channel int8, as for int8 rows; 32 against int4;
+"""Weights in 16-row panels (QuantWeight.to_panels): per-channel int8 (moekit/kernels/cpu/qpanel.h), int4 and
+grouped int8 (qpanelg.h). The layouts, their round trips, and the kernels against a float emulation of their
+activation quantisation (256-column blocks against per-channel int8, as for int8 rows; 32 against groups;
 tests/test_kernels_quant.py has the tolerances' rationale) at every token count: panels take int8
-activations in prefill too, where int8 rows dequantise weight tiles and int4 rows unpack them."""
+activations in prefill too, where per-channel int8 rows dequantise weight tiles and the others unpack them."""
 
 import pytest
 import torch
@@ -16,7 +16,8 @@ g = torch.Generator().manual_seed(1)
 VNNI = cpu.supported() and "avx512_vnni" in cpu.cpu_info()["flags"]
 needs_kernels = pytest.mark.skipif(not cpu.supported(), reason="the C++ kernels need an x86-64 CPU with AVX-512")
 needs_vnni = pytest.mark.skipif(not VNNI, reason="the panel kernels need AVX-512 VNNI")
-FMTS = {"int8": ("int8", None), "int4": ("int4", 32)}  # the formats models load into panels (int4: Q4_0's group)
+# the formats models load into panels: int8 per channel (moekit quantize), int8 / int4 in GGUF Q8_0 / Q4_0's groups
+FMTS = {"int8": ("int8", None), "int8-g32": ("int8", 32), "int4": ("int4", 32)}
 
 
 def panels(shape, scale=0.1, fmt="int8", group=None) -> QuantWeight:
@@ -30,19 +31,20 @@ def kern():
     return cpu.CpuKernels(torch.bfloat16, gemm="moekit")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", FMTS)
 def test_layout_and_round_trip(fmt):
     K = 40 if fmt == "int8" else 64
-    w = QuantWeight.quantize(torch.randn(2, 64, K, generator=g), fmt, None if fmt == "int8" else 32)
+    w = QuantWeight.quantize(torch.randn(2, 64, K, generator=g), *FMTS[fmt])
+    fmt, grouped = FMTS[fmt][0], FMTS[fmt][1] is not None
     q, deq, raw, sc = w.values().clone(), w.dequantize(torch.float32, index=1), w.data.clone(), w.scale.clone()
     views = {k: v.clone() for k, v in weight_views(w, "x", 1, rows=(16, 48), width=None).items()}
-    cut = {k: v.clone() for k, v in weight_views(w, "x", 0, width=32).items()} if fmt == "int4" else {}
+    cut = {k: v.clone() for k, v in weight_views(w, "x", 0, width=32).items()} if grouped else {}
     assert w.to_panels() and w.data.dtype == torch.uint8 and w.data.shape == raw.shape
     flat, W = w.data.reshape(2, -1), raw.shape[-1]  # bytes per row
     for e, n, k in [(0, 0, 0), (0, 21, 13), (1, 63, W - 1), (1, 17, 4)]:  # panel n // 16: [W / 4, 16, 4]
         at = n // PANEL * PANEL * W + k // 4 * 64 + n % PANEL * 4 + k % 4
         assert int(flat[e, at]) == (int(q[e, n, k]) + 128 if fmt == "int8" else int(raw[e, n, k]))
-    if fmt == "int4":  # scales [E, N / 16, G, 16]: a group's 16 rows side by side
+    if grouped:  # scales [E, N / 16, G, 16]: a group's 16 rows side by side
         assert w.scale.shape == (2, 4, 2, PANEL) and w.scale[1, 3, 1, 5] == sc[1, 53, 1]
         assert torch.equal(w.scale_rows(), sc) and torch.equal(scales_from_panels(scales_to_panels(sc)), sc)
         assert all(torch.equal(cut[k], v) for k, v in weight_views(w, "x", 0, width=32).items())
@@ -52,14 +54,14 @@ def test_layout_and_round_trip(fmt):
     assert all(torch.equal(views[k], v) for k, v in weight_views(w, "x", 1, rows=(16, 48)).items())
     assert torch.equal(from_panels(to_panels(q)), q)
     assert w.to_panels() and "panels" in repr(w)  # a second call changes nothing
-    assert w.scale.shape == (sc.shape if fmt == "int8" else (2, 4, 2, PANEL))
+    assert w.scale.shape == ((2, 4, 2, PANEL) if grouped else sc.shape)
 
 
 @pytest.mark.parametrize("fmt, group, shape", [
     ("int8", None, (48, 64)),  # rows not a multiple of 32
     ("int8", None, (64, 102)),  # columns not a multiple of 4
-    ("int8", 32, (64, 64)),  # grouped scales
-    ("int4", 32, (48, 64))])  # rows not a multiple of 32
+    ("int8", 32, (48, 64)),  # rows not a multiple of 32
+    ("int4", 32, (48, 64))])
 def test_other_weights_stay_as_they_are(fmt, group, shape):
     w = QuantWeight.quantize(torch.randn(*shape, generator=g), fmt, group)
     before = w.data.clone()
@@ -83,11 +85,13 @@ def test_matches_emulated_activation_quantisation(N, K, T, kern, monkeypatch):
 
 @needs_kernels
 @needs_vnni
-@pytest.mark.parametrize("group, K", [(32, 96), (32, 448), (64, 192), (64, 1728), (128, 384), (128, 1024)])
+@pytest.mark.parametrize("fmt, group, K", [("int4", 32, 96), ("int4", 32, 448), ("int4", 64, 192), ("int4", 64, 1728),
+                                           ("int4", 128, 384), ("int4", 128, 1024), ("int8", 32, 96),
+                                           ("int8", 32, 1728), ("int8", 64, 448)])
 @pytest.mark.parametrize("N", [32, 96])  # 2 panels (a group of 4 not full); 6 (one full group and 2)
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 16, 23, 40])  # every token block and tail, decode and prefill
-def test_int4_matches_emulated_activation_quantisation(group, K, N, T, kern, monkeypatch):
-    w, x = panels((N, K), fmt="int4", group=group), torch.randn(T, K, generator=g) * 3
+def test_grouped_matches_emulated_activation_quantisation(fmt, group, K, N, T, kern, monkeypatch):
+    w, x = panels((N, K), fmt=fmt, group=group), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0  # an all-zero block
     x[-1, 64:96] *= 50  # one block's scale far above the others'
     with no_fallback(monkeypatch):
@@ -122,8 +126,8 @@ def test_a_token_gives_the_same_bits_alone_or_in_prefill(fmt, kern, monkeypatch)
 def test_moe_experts(fmt, T, E, K, F, shared, gemm, monkeypatch):
     """F = 48: the up half of w13 starts inside a 32-row block, on a panel; 40 and 300 tokens: prefill;
     ATen's GEMMs take a dequantised copy of experts with many tokens."""
-    if fmt == "int4" and F % 32:
-        pytest.skip("int4's down projection needs a width in blocks of 32")
+    if FMTS[fmt][1] and F % FMTS[fmt][1]:
+        pytest.skip("the down projection's width does not end on a group")
     D = 256
     mk = lambda shape: panels(shape, 0.1, *FMTS[fmt])  # noqa: E731
     x = torch.randn(T, D, generator=g).bfloat16()
@@ -151,7 +155,7 @@ def test_mlp(fmt, T, kern, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["bf16", "int8 panels", "int4", "int4 panels"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8 panels", "int4", "int4 panels", "int8-g32 panels"])
 def test_left_over_expert_in_blocks_gives_the_same_bits(fmt, monkeypatch):
     """Five equal experts of two tokens each on two threads: four run whole, one per thread at a time, and
     the fifth in row blocks shared by both (moe.h, whole_experts); one thread runs all five in blocks."""

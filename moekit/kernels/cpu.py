@@ -13,11 +13,11 @@ The extension is compiled once per machine with the system compiler
 - int8 / int4 weights (:class:`QuantWeight`, any token count) on moekit's low-bit kernels
   (``cpu/qgemm.h``): with few tokens the activations are quantised to int8 in 32-column blocks
   (llama.cpp's Q8_0; 256 against per-channel int8, as its Q8_K) and AVX-512 VNNI dot products stream
-  the weight bytes (per-channel int8 and int4 rearranged after loading into 16-row panels,
-  ``cpu/qpanel.h``, ``cpu/qpanel4.h``, :meth:`CpuKernels.prepare_weights`). With many tokens, panels keep
-  int8 activations (each weight load serves 8 tokens), int4 and grouped int8 rows are unpacked 16 at a
-  time into such panels (``cpu/qtile.h``), and per-channel int8 rows dequantise weight tiles to bf16
-  (exactly the reference's weights) for the packed microkernel.
+  the weight bytes (rearranged after loading into 16-row panels, ``cpu/qpanel.h``, ``cpu/qpanelg.h``,
+  :meth:`CpuKernels.prepare_weights`). With many tokens, panels keep int8 activations (each weight load
+  serves 8 tokens); of weights left in rows (shapes panels do not fit, offloaded experts), int4 and
+  grouped int8 are unpacked 16 rows at a time into such panels (``cpu/qtile.h``) and per-channel int8
+  dequantises weight tiles to bf16 (exactly the reference's weights) for the packed microkernel.
 
 A call the kernels cannot take (autograd, float16, a non-contiguous weight) runs the plain
 PyTorch reference, which is also their oracle in tests, and says so once (a warning).
@@ -184,7 +184,7 @@ def _unfit_weights(x: torch.Tensor, *ws: Weight, extra=()) -> str | None:
     for w in ws:
         parts = (w.data, w.scale) if isinstance(w, QuantWeight) else (w,)
         if isinstance(w, QuantWeight):
-            K, G = w.shape[-1], w.scale.shape[-2 if w.panels and w.format == "int4" else -1]
+            K, G = w.shape[-1], w.scale.shape[-2 if w.scale.dim() == w.data.dim() + 1 else -1]  # panels: [.., G, 16]
             if w.device.type != "cpu":
                 return f"{w.device.type} tensors"
             if w.scale.dtype != torch.float16 or w.data.dtype != (torch.int8 if w.format == "int8" and not w.panels
@@ -229,8 +229,8 @@ class CpuKernels:
         advise_weights(tensors)
 
     def prepare_weights(self, model) -> None:
-        """Per-channel int8 and int4 weights into the VNNI kernels' 16-row panels (QuantWeight.to_panels),
-        where the CPU has VNNI. In-process A/B on this project's EPYC, 2 threads, against the row kernels:
+        """int8 and int4 weights into the VNNI kernels' 16-row panels (QuantWeight.to_panels), where the CPU
+        has VNNI. In-process A/B on this project's EPYC, 2 threads, against the row kernels:
         int8 on cached weights 1.2x at 1 token and 1.4-1.9x at 2-8, on weights streamed from memory
         0.95-1.2x (1.6x for 1024x448 at 8 tokens); int4 Mixtral-shaped engine decode batch 1 unchanged,
         batch 8 1.27x, prefill 1.14x (docs/quantization.md)."""
@@ -262,10 +262,9 @@ class CpuKernels:
         many = ("ATen GEMMs (oneDNN" + (", AMX" if "amx_bf16" in cpu_info()["flags"] else "") + ")"
                 if self.aten else "moekit packed microkernel")
         tiles = "weight tiles dequantised for the packed microkernel"
-        low = (f"int8 activations x VNNI dot products (per-channel int8 and int4 in 16-row panels; int4 and "
-               f"grouped int8 rows, {QDECODE_TOKENS} tokens or more: 16-row tiles unpacked into panels; per-channel "
-               f"int8 rows: < {QDECODE_TOKENS} tokens, more: {tiles})" if "avx512_vnni" in cpu_info()["flags"]
-               else tiles)
+        low = (f"int8 activations x VNNI dot products (int8 and int4 in 16-row panels; in rows, int4 and grouped "
+               f"int8 from {QDECODE_TOKENS} tokens on: 16-row tiles unpacked into panels; per-channel int8 rows: < "
+               f"{QDECODE_TOKENS} tokens, more: {tiles})" if "avx512_vnni" in cpu_info()["flags"] else tiles)
         return {"linear": f"moekit streaming (<= {MAX_TOKENS} tokens), ATen GEMM (more)",
                 "int8 / int4 weights": f"moekit: {low}" + (", experts with >= 16 tokens: a dequantised copy on ATen "
                                                            "GEMMs" if self.aten else ""),

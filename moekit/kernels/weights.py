@@ -17,11 +17,12 @@ A weight is a plain floating-point tensor [..., N, K] or a :class:`QuantWeight`:
 On the CPU backend, weights whose rows are a multiple of 32 are rearranged after loading into the
 layout of its VNNI kernels, 16-row panels (:meth:`QuantWeight.to_panels`):
 
-- per-channel int8 (columns a multiple of 4): ``data`` becomes uint8 [..., N, K], each panel's bytes
-  [K / 4, 16, 4] holding q + 128 (moekit/kernels/cpu/qpanel.h);
+- int8 (columns a multiple of 4): ``data`` becomes uint8 [..., N, K], each panel's bytes [K / 4, 16, 4]
+  holding q + 128 (one scale per row: moekit/kernels/cpu/qpanel.h; grouped: qpanelg.h);
 - int4: ``data`` stays uint8 [..., N, K / 2], each panel's bytes [K / 8, 16, 4] (the rows' Q4_0 bytes
-  four at a time), and ``scale`` becomes float16 [..., N / 16, G, 16], a group's 16 rows side by side
-  (moekit/kernels/cpu/qpanel4.h).
+  four at a time; moekit/kernels/cpu/qpanelg.h);
+- with groups (int4, grouped int8), ``scale`` becomes float16 [..., N / 16, G, 16], a group's 16 rows
+  side by side (one scale per row stays [..., N, 1], the same bytes).
 
 :meth:`QuantWeight.values`, :meth:`QuantWeight.dequantize`, :meth:`QuantWeight.scale_rows` and
 :func:`weight_views` (saving, export) give rows whatever the layout.
@@ -175,22 +176,26 @@ class QuantWeight(nn.Module):
         int4 scales with a dim more than the data."""
         if self.format == "int8":
             return self.data.dtype == torch.uint8
+        return self._panel_scales
+
+    @property
+    def _panel_scales(self) -> bool:
         return self.scale.dim() == self.data.dim() + 1
 
     @torch.no_grad()
     def to_panels(self) -> bool:
-        """Rearrange per-channel int8 or int4 rows into 16-row panels in place, one matrix at a time (no second
-        copy of the stack). Rows a multiple of 32 (so that the kernels' 32-row blocks and a w13 stack's up
-        half start on a panel); int8 also columns of 4; anything else (grouped int8) stays in rows. Returns
-        whether it now is in panels."""
+        """Rearrange the rows into 16-row panels in place, one matrix at a time (no second copy of the
+        stack). Rows a multiple of 32 (so that the kernels' 32-row blocks and a w13 stack's up half start on
+        a panel), and for int8 columns of 4; anything else stays in rows. Returns whether it now is in
+        panels."""
         N, K = self.shape[-2:]
-        if self.panels or N % (2 * PANEL) or (self.format == "int8" and (self.group != K or K % 4)):
+        if self.panels or N % (2 * PANEL) or (self.format == "int8" and K % 4):
             return self.panels
         data = self.data.view(torch.uint8)
         for m in data.view(-1, N, data.shape[-1]):
             m.copy_(interleave(m) ^ (0x80 if self.format == "int8" else 0))
         self.data = data
-        if self.format == "int4":
+        if self.group != K:
             self.scale = scales_to_panels(self.scale)
         return True
 
@@ -205,7 +210,7 @@ class QuantWeight(nn.Module):
 
     def scale_rows(self) -> torch.Tensor:
         """The float16 scales [..., N, G], whatever the layout (in panels: a copy)."""
-        return scales_from_panels(self.scale) if self.panels and self.format == "int4" else self.scale
+        return scales_from_panels(self.scale) if self._panel_scales else self.scale
 
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The weight [..., N, K] in ``dtype`` (``index``: only that matrix of the leading dim):
@@ -256,7 +261,7 @@ def weight_views(w: Weight, name: str, index: int | None = None, rows: tuple[int
         return {name: part(w, width)}
     int8 = w.format == "int8"
     data_rows = (from_panels if int8 else deinterleave) if w.panels else None
-    scale_rows = scales_from_panels if w.panels and not int8 else None
+    scale_rows = scales_from_panels if w.scale.dim() == w.data.dim() + 1 else None
     if width is None or width == w.shape[-1]:
         return {name: part(w.data, None, data_rows), f"{name}_scale": part(w.scale, None, scale_rows)}
     if width % w.group:

@@ -19,14 +19,14 @@ struct QMat {
   bool int4 = false;
   const uint8_t* stream_end = nullptr;  // where this thread's rows end: prefetch no further (null: anywhere)
   int64_t groups = 0;                   // K / group, stored: the kernels read it per row block
-  bool panels = false;  // 16-row panels, not rows: per-channel int8 (qpanel.h), int4 with scales [N / 16, G, 16] (qpanel4.h)
+  bool panels = false;  // 16-row panels (qpanel.h, qpanelg.h), not rows; with groups, scales [N / 16, G, 16]
   explicit operator bool() const { return data != nullptr; }
   int64_t G() const { return groups; }
   int64_t row_bytes() const { return int4 ? K / 2 : K; }
   const uint8_t* row(int64_t r) const { return data + r * row_bytes(); }
   const uint16_t* srow(int64_t r) const { return scale + r * G(); }  // in panels: the panel's scales, r % 16 == 0
   uint16_t scale_at(int64_t r, int64_t g) const {
-    return int4 && panels ? scale[(r - r % 16) * G() + g * 16 + r % 16] : srow(r)[g];
+    return panels ? scale[(r - r % 16) * G() + g * 16 + r % 16] : srow(r)[g];  // (one per row: the same)
   }
   QMat rows(int64_t r0, int64_t n) const {
     QMat m = *this;

@@ -5,8 +5,8 @@
 //   activations; the offset is taken out through the accumulator's start value, and the block and
 //   weight scales are applied in float. Each weight byte is read once, with rows 16 ahead
 //   prefetched, so decode runs near memory speed.
-// - Weights in 16-row panels (per-channel int8: qpanel.h; int4: qpanel4.h) run one kernel at every token
-//   count, each 64-byte weight load serving up to 8 tokens.
+// - Weights in 16-row panels (per-channel int8: qpanel.h; int4, grouped int8: qpanelg.h) run one kernel at
+//   every token count, each 64-byte weight load serving up to 8 tokens.
 // - Many tokens (prefill), weights in rows: int4 and grouped int8 are unpacked 16 rows at a time into a
 //   panel tile (qtile.h) for the same reuse; per-channel int8 rows (where panels do not apply) dequantise
 //   32-row weight tiles to the activation dtype, exactly the reference's q * scale rounded to bf16, for
@@ -18,7 +18,7 @@
 
 #include "qgemm4.h"
 #include "qpanel.h"
-#include "qpanel4.h"
+#include "qpanelg.h"
 #include "qtile.h"
 
 namespace moekit {
@@ -26,8 +26,8 @@ namespace moekit {
 // Whether W meets `tokens` tokens with int8 activations (VNNI dot products, qact.h) rather than with
 // dequantised tiles (bench/cpu_quant_kernels.py, EPYC Zen 4, 2 threads, Mixtral- and XVERSE-shaped layers at
 // 128 and 512 tokens, against the dequantised tiles' 0.8-0.97x bf16's speed):
-// - per-channel int8 and int4 in panels: at every count, qpanel.h / qpanel4.h reusing each 64-byte weight
-//   load over 8 tokens (int8 1.6-2.1x as fast as with bf16 weights);
+// - panels (int8: qpanel.h, int4 and grouped int8: qpanelg.h): at every count, each 64-byte weight load
+//   reused over up to 8 tokens (per-channel int8 1.6-2.1x as fast as with bf16 weights);
 // - int4 and grouped int8 rows: below QGEMM_MIN_TOKENS the row kernels, from it on 16-row tiles unpacked into
 //   panels (qtile.h: int4 1.0-1.3x bf16's speed; int8 in groups of 32 1.14-1.26x faster than its tiles);
 // - per-channel int8 rows (no panels): below QGEMM_MIN_TOKENS. On one Mixtral-sized expert, one thread, at 8
@@ -220,7 +220,10 @@ inline void qgemv_t(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float*
 
 // Y[t * ldo + r] += W[r] . X[t] for rows [r0, r1) of W and the activations `a` (quantised for W).
 inline void qgemv_rows(const QMat& W, int64_t r0, int64_t r1, const QAct& a, float* Y, int64_t ldo, QScales& s) {
-  if (W.panels) return W.int4 ? qgemv_panels4(W, r0, r1, a, Y, ldo) : qgemv_panels(W, r0, r1, a, Y, ldo, s.f);
+  if (W.panels) {
+    if (W.per_channel()) return qgemv_panels(W, r0, r1, a, Y, ldo, s.f);
+    return W.int4 ? qgemv_panelsg<true>(W, r0, r1, a, Y, ldo) : qgemv_panelsg<false>(W, r0, r1, a, Y, ldo);
+  }
   if (a.T >= QGEMM_MIN_TOKENS && !W.per_channel() &&
       (r0 = qgemm_tiles(W, r0, r1, a, Y, ldo, s.tile, s.f)) == r1)
     return;
@@ -311,25 +314,26 @@ inline void qmatmul_rows(const QMat& W, int64_t r0, int64_t r1, const A* X, int6
 }
 
 // The weight `w` as a QMat when `scale` is given, with K input columns: int8 data [N, K] in rows, uint8 data
-// [N, K / 2] (int4) or [N, K] (per-channel int8 in panels, qpanel.h); int4 in panels (qpanel4.h) has its
-// float16 scales as [N / 16, G, 16] (a dim more than the data), in rows as [N, G].
+// [N, K / 2] (int4) or [N, K] (int8 in panels, qpanel.h / qpanelg.h); with group scales in panels (int4,
+// grouped int8: qpanelg.h) the float16 scales are [N / 16, G, 16] (a dim more than the data), else [N, G].
 inline QMat qmat(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
   check(w.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == torch::kHalf,
         "quantised weights: contiguous data and float16 scales");
   check(w.scalar_type() == torch::kByte || w.scalar_type() == torch::kChar,
         "quantised weights: int8 data, or uint8 (int4, int8 panels)");
   const bool bytes = w.scalar_type() == torch::kByte, int4 = bytes && w.size(-1) != K, panels8 = bytes && !int4;
-  const bool panels4 = int4 && scale.dim() == w.dim() + 1;
-  const int64_t N = w.size(-2), G = scale.size(panels4 ? -2 : -1);
+  const bool gpanels = scale.dim() == w.dim() + 1;
+  check(!gpanels || bytes, "quantised weights: scales in panels need data in panels");
+  const int64_t N = w.size(-2), G = scale.size(gpanels ? -2 : -1);
   check(G > 0 && K % G == 0 && w.size(-1) == (int4 ? K / 2 : K) &&
-            (panels4 ? scale.size(-1) == 16 && scale.size(-3) * 16 == N : scale.size(-2) == N),
+            (gpanels ? scale.size(-1) == 16 && scale.size(-3) * 16 == N : scale.size(-2) == N),
         "quantised weight shapes");
   const int64_t group = K / G;
   check(int4 ? group % 32 == 0 : (group == K || group % 32 == 0), "quantised weights: group size");
-  check(!panels8 || (G == 1 && N % 16 == 0 && K % 4 == 0),
-        "int8 panels: one scale per row, rows a multiple of 16, columns of 4");
+  check(!panels8 || ((gpanels || G == 1) && N % 16 == 0 && K % 4 == 0),
+        "int8 panels: rows a multiple of 16, columns of 4, scales one per row or in panels");
   QMat m{(const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), N, K, group, int4, nullptr, G};
-  m.panels = panels8 || panels4;
+  m.panels = panels8 || gpanels;
   return m;
 }
 

@@ -40,7 +40,7 @@ __attribute__((always_inline)) inline void panel_block(const uint8_t* p, int64_t
     for (int64_t j = 64 * u; j < j1; ++j) {
       __m512i w[RP];
       for (int r = 0; r < RP; ++r) {
-        _mm_prefetch((const char*)(p + r * pb + 64 * j + pf), _MM_HINT_T1);
+        if (pf) _mm_prefetch((const char*)(p + r * pb + 64 * j + pf), _MM_HINT_T1);
         w[r] = in_register(_mm512_loadu_si512(p + r * pb + 64 * j));
       }
       for (int t = 0; t < TB; ++t) {
@@ -65,7 +65,7 @@ template <int TB, int RP>
 inline void panel_tokens(const uint8_t* p, int64_t pb, int64_t K, const QAct& a, const float* ws, float* Y,
                          int64_t ldo, int64_t pf) {
   int64_t t = 0;
-  for (; t + TB <= a.T; t += TB) panel_block<TB, RP>(p, pb, K, ActView(a, t), ws, Y + t * ldo, ldo, pf);
+  for (; t + TB <= a.T; t += TB, pf = 0) panel_block<TB, RP>(p, pb, K, ActView(a, t), ws, Y + t * ldo, ldo, pf);
   if constexpr (TB > 4)
     for (; t + 4 <= a.T; t += 4) panel_block<4, RP>(p, pb, K, ActView(a, t), ws, Y + t * ldo, ldo, pf);
   if constexpr (TB > 2)

@@ -1,5 +1,5 @@
-// int4 (GGUF Q4_0 layout) and grouped int8 weights in rows x many tokens (prefill; int4 with rows a multiple of
-// 32 is in panels once loaded, qpanel4.h, but offloaded experts stay in rows): 16 rows at a time are unpacked
+// int4 (GGUF Q4_0 layout) and grouped int8 weights in rows x many tokens (prefill; with rows a multiple of 32
+// they are in panels once loaded, qpanelg.h, but offloaded experts stay in rows): 16 rows at a time are unpacked
 // once into a panel tile, as per-channel int8 panels are stored (qpanel.h), so that each 64-byte tile load
 // meets 8 tokens' activations. Each 32-column block of a row becomes 8 tile quads of 16 rows x 4 bytes, in
 // the order of its activation bytes (qact.h), stored side by side, so one int32 sum per row and token covers
