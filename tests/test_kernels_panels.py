@@ -57,6 +57,14 @@ def test_layout_and_round_trip(fmt):
     assert w.scale.shape == ((2, 4, 2, PANEL) if grouped else sc.shape)
 
 
+def test_int4_with_one_group_a_row_says_it_is_in_panels():
+    """int4 panels are told by their scales' extra dim, also where a row has one group (K = group)."""
+    w = QuantWeight.quantize(torch.randn(2, 32, 64, generator=g), "int4", 64)
+    deq = w.dequantize()
+    assert w.to_panels() and w.panels and w.scale.shape == (2, 2, 1, PANEL)
+    assert torch.equal(w.dequantize(), deq) and "panels" in repr(w)
+
+
 @pytest.mark.parametrize("fmt, group, shape", [
     ("int8", None, (48, 64)),  # rows not a multiple of 32
     ("int8", None, (64, 102)),  # columns not a multiple of 4
@@ -86,7 +94,7 @@ def test_matches_emulated_activation_quantisation(N, K, T, kern, monkeypatch):
 @needs_kernels
 @needs_vnni
 @pytest.mark.parametrize("fmt, group, K", [("int4", 32, 96), ("int4", 32, 448), ("int4", 64, 192), ("int4", 64, 1728),
-                                           ("int4", 128, 384), ("int4", 128, 1024), ("int8", 32, 96),
+                                           ("int4", 128, 384), ("int4", 128, 1024), ("int4", 64, 64), ("int8", 32, 96),
                                            ("int8", 32, 1728), ("int8", 64, 448)])
 @pytest.mark.parametrize("N", [32, 96])  # 2 panels (a group of 4 not full); 6 (one full group and 2)
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 16, 23, 40])  # every token block and tail, decode and prefill

@@ -195,7 +195,7 @@ class QuantWeight(nn.Module):
         for m in data.view(-1, N, data.shape[-1]):
             m.copy_(interleave(m) ^ (0x80 if self.format == "int8" else 0))
         self.data = data
-        if self.group != K:
+        if self.format == "int4" or self.group != K:  # (int4's panels are told by their scales, even one a row)
             self.scale = scales_to_panels(self.scale)
         return True
 
@@ -215,8 +215,8 @@ class QuantWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The weight [..., N, K] in ``dtype`` (``index``: only that matrix of the leading dim):
         q * scale, computed in float32."""
-        scale = self.scale_rows()
-        data, scale = (self.data, scale) if index is None else (self.data[index], scale[index])
+        data, scale = (self.data, self.scale) if index is None else (self.data[index], self.scale[index])
+        scale = scales_from_panels(scale) if self._panel_scales else scale
         return (self._values(data).float() * scale.float().repeat_interleave(self.group, dim=-1)).to(dtype)
 
     def _apply(self, fn, recurse=True):

@@ -134,7 +134,7 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 constexpr double ITEM_COST = 4.0;
 // Panels spend much less per token: per weight byte, 8 tokens took 1.2-1.3x the time of one in the
 // stand-alone int8 panel kernel (qpanel.h), cold weights, two threads (EPYC Zen 4), about 32 tokens' worth to
-// stream; int4 panels (qpanelg.h) about 1.1x in a Mixtral-shaped layer (bench/cpu_quant_kernels.py).
+// stream; int4 panels (qpanelg.h) 0.9-1.1x in a Mixtral-shaped layer (bench/cpu_quant_kernels.py, 2 runs).
 // Whole experts to threads by this count: XVERSE-shaped int8 batch-8 decode +4.6% (8 of 8 rounds) at 16
 // against 4, +2.0% more at 32; Mixtral-shaped within noise (in-process A/B, two builds).
 constexpr double PANEL_ITEM_COST = 32.0;

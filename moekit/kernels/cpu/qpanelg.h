@@ -21,7 +21,7 @@ namespace moekit {
 
 #if defined(__AVX512VNNI__)
 // Y[t * ldo + 16 r + l] += panel r's row l . token t, for RP panels from p (pb bytes apart; their scales
-// from sc, sb apart) and TB tokens of a; each weight line is prefetched pf bytes ahead.
+// from sc, sb apart) and TB tokens of a; each weight line is prefetched pf bytes ahead (pf 0: not at all).
 template <int TB, int RP, bool INT4>
 __attribute__((always_inline)) inline void panelg_block(const uint8_t* p, int64_t pb, const uint16_t* sc, int64_t sb,
                                                         int64_t B, int64_t per, const ActView& a, float* Y,
@@ -78,7 +78,9 @@ __attribute__((always_inline)) inline void panelg_block(const uint8_t* p, int64_
     }
 }
 
-// RP panels against every token of a, TB tokens at a time, then blocks of 4, 2 and 1 for the rest.
+// RP panels against every token of a, TB tokens at a time, then blocks of 4, 2 and 1 for the rest; only the
+// first block prefetches (the panels are in cache for the rest: issued anyway, the prefetches cost grouped
+// int8 prefill about a third, bench/cpu_quant_kernels.py).
 template <int TB, int RP, bool INT4>
 inline void panelg_tokens(const uint8_t* p, int64_t pb, const uint16_t* sc, int64_t sb, int64_t B, int64_t per,
                           const QAct& a, float* Y, int64_t ldo, int64_t pf) {
