@@ -10,7 +10,8 @@ import torch
 from moekit.kernels import cpu, reference
 from moekit.kernels.weights import (PANEL, ExpertWeights, QuantWeight, from_panels, scales_from_panels,
                                     scales_to_panels, to_panels, weight_views)
-from tests.test_kernels_quant import MLP_TOL, moe64, no_fallback, one_and_two_threads, q8_blocks, rel_max, rel_norm
+from tests.test_kernels_quant import (MLP_TOL, assert_matches_emulation, moe64, no_fallback, one_and_two_threads,
+                                     rel_norm)
 
 g = torch.Generator().manual_seed(1)
 VNNI = cpu.supported() and "avx512_vnni" in cpu.cpu_info()["flags"]
@@ -85,10 +86,7 @@ def test_matches_emulated_activation_quantisation(N, K, T, kern, monkeypatch):
     w, x = panels((N, K)), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0
     x[-1, :32] *= 50
-    with no_fallback(monkeypatch):
-        got = kern.linear(x, w)
-    want = torch.nn.functional.linear(q8_blocks(x, 256), w.dequantize(torch.float64))
-    assert rel_max(got, want) < 1e-5
+    assert_matches_emulation(kern, w, x, 256, monkeypatch)
 
 
 @needs_kernels
@@ -102,10 +100,7 @@ def test_grouped_matches_emulated_activation_quantisation(fmt, group, K, N, T, k
     w, x = panels((N, K), fmt=fmt, group=group), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0  # an all-zero block
     x[-1, 64:96] *= 50  # one block's scale far above the others'
-    with no_fallback(monkeypatch):
-        got = kern.linear(x, w)
-    want = torch.nn.functional.linear(q8_blocks(x, 32), w.dequantize(torch.float64))
-    assert rel_max(got, want) < 1e-5
+    assert_matches_emulation(kern, w, x, 32, monkeypatch)
 
 
 @needs_kernels

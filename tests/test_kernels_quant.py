@@ -103,6 +103,20 @@ def q8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (q.double() * (amax / 127).double()).view(T, -1)[:, :K]
 
 
+def emulated(x: torch.Tensor, w: QuantWeight, block: int) -> torch.Tensor:
+    """The linear as the int8-activation kernels compute it, in float64: activations in int8 blocks of
+    ``block`` columns, weights dequantised."""
+    return torch.nn.functional.linear(q8_blocks(x, block), w.dequantize(torch.float64))
+
+
+def assert_matches_emulation(kern, w: QuantWeight, x: torch.Tensor, block: int, monkeypatch) -> torch.Tensor:
+    """kern.linear(x, w) on the C++ kernels within 1e-5 (max-relative) of :func:`emulated`; returns it."""
+    with no_fallback(monkeypatch):
+        got = kern.linear(x, w)
+    assert rel_max(got, emulated(x, w, block)) < 1e-5
+    return got
+
+
 @pytest.mark.parametrize("fmt, group", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", DECODE + PREFILL)
@@ -126,10 +140,7 @@ def test_decode_matches_emulated_activation_quantisation(fmt, group, T, N, long,
     K = ({None: 1000, 32: 736, 64: 704, 128: 768} if long else {None: 100, 32: 224, 64: 320, 128: 384})[group]
     w, x = quant((N, K), fmt, group), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0  # an all-zero block
-    with no_fallback(monkeypatch):
-        got = kern.linear(x, w)
-    want = torch.nn.functional.linear(q8_blocks(x, act_block(fmt, group)), w.dequantize(torch.float64))
-    assert rel_max(got, want) < 1e-5
+    assert_matches_emulation(kern, w, x, act_block(fmt, group), monkeypatch)
 
 
 @pytest.mark.skipif("avx512_vnni" not in cpu.cpu_info()["flags"], reason="the prefill tile kernel needs AVX-512 VNNI")
@@ -142,10 +153,7 @@ def test_prefill_tiles_match_emulated_activation_quantisation(fmt, group, N, T, 
     w, x = quant((N, K), fmt, group), torch.randn(T, K, generator=g) * 3
     x[0, :40] = 0  # an all-zero block
     x[-1, 64:96] *= 50  # one block's scale far above the others'
-    with no_fallback(monkeypatch):
-        got = kern.linear(x, w)
-    want = torch.nn.functional.linear(q8_blocks(x, 32), w.dequantize(torch.float64))
-    assert rel_max(got, want) < 1e-5
+    assert_matches_emulation(kern, w, x, 32, monkeypatch)
 
 
 @pytest.mark.parametrize("T", [1, 2, 8, 9])  # 8 and more: the 4-token blocks
@@ -154,11 +162,8 @@ def test_per_channel_decode_blocks_of_256(T, K, kern, monkeypatch):
     # the int32 sums of a 256-column block's chunks take one conversion and one scale, whatever the tail
     w, x = quant((70, K), "int8", None), torch.randn(T, K, generator=g) * 3
     x[-1, 256:300] *= 50  # one block's scale far above the others'
-    with no_fallback(monkeypatch):
-        got = kern.linear(x, w)
-    want = torch.nn.functional.linear(q8_blocks(x, 256), w.dequantize(torch.float64))
-    assert rel_max(got, want) < 1e-5
-    assert rel_max(got, torch.nn.functional.linear(q8_blocks(x, 32), w.dequantize(torch.float64))) > 1e-4
+    got = assert_matches_emulation(kern, w, x, 256, monkeypatch)
+    assert rel_max(got, emulated(x, w, 32)) > 1e-4
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS[:3] + FORMATS[4:])
